@@ -1,0 +1,62 @@
+"""Dask clusters: a LocalCluster sized to the machine by default, per-worker setup as a plugin."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from distributed import Client, LocalCluster, WorkerPlugin
+
+log = logging.getLogger("surveypipe")
+
+
+class SurveypipeWorkerSetup(WorkerPlugin):
+    """Owns per-worker settings: zarr's async concurrency and single-threaded math libraries.
+
+    Under Dask, zarr's own concurrency multiplies with worker threads; one tile per worker
+    process is the unit of parallelism, so inner pools are kept small.
+    """
+
+    name = "surveypipe-setup"
+
+    def __init__(self, zarr_concurrency: int = 4, threads: int = 1) -> None:
+        self.zarr_concurrency = zarr_concurrency
+        self.threads = threads
+
+    def setup(self, worker: Any) -> None:  # pragma: no cover - runs in the worker process
+        import zarr
+
+        zarr.config.set({"async.concurrency": self.zarr_concurrency})
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(self.threads))
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(self.threads)
+        except ImportError:
+            pass
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def local_cluster(workers: int | None = None, *, memory_limit: str | None = "auto", dashboard: bool = True) -> LocalCluster:
+    """One single-threaded worker process per core (tiles are the unit of parallelism)."""
+    n = workers or default_workers()
+    for noisy in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny", "bokeh"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory_limit,
+        dashboard_address=":0" if dashboard else None, silence_logs=logging.ERROR,
+        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
+
+
+def connect(cluster: Any) -> Client:
+    client = Client(cluster)
+    client.register_plugin(SurveypipeWorkerSetup())
+    return client

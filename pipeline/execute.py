@@ -1,0 +1,171 @@
+"""Running a release on any Dask cluster: one task per tile, a summary and an exit code.
+
+The tile is the unit of distribution: each task reads its own FITS and writes its own Zarr
+group, so only a small status record travels back to the client.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from distributed import Client, as_completed
+
+from . import __version__
+from .config import PipelineConfig
+from .dag import Dag
+from .manifest import Manifest
+from .runner import _failure, process_tile
+from .store import CatalogStore
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NONE_DONE = 0, 1, 3
+
+
+@dataclass
+class RunSummary:
+    """What a run did: tiles done, skipped and failed (with their error records), and time."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.failed:
+            return EXIT_OK
+        return EXIT_SOME_FAILED if (self.done or self.skipped) else EXIT_NONE_DONE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "seconds": round(self.seconds, 3), "exit_code": self.exit_code}
+
+    def text(self) -> str:
+        lines = [f"tiles done: {len(self.done)}, skipped (already complete): {len(self.skipped)}, "
+                 f"failed: {len(self.failed)}, wall time: {self.seconds:.1f} s"]
+        for tid, rec in sorted(self.failed.items()):
+            lines.append(f"  FAILED {tid} [{rec.get('kind')}] {rec.get('error')}")
+        return "\n".join(lines)
+
+
+def select_tiles(manifest: Manifest, tiles: Iterable[str] | None = None, shard: tuple[int, int] | None = None) -> list[str]:
+    """Tile ids to process: an explicit list, or shard I of N (disjoint, stable across runs)."""
+    ids = sorted(t.id for t in manifest.tiles)
+    if tiles:
+        wanted = list(dict.fromkeys(tiles))
+        unknown = [t for t in wanted if t not in ids]
+        if unknown:
+            raise KeyError(f"tile(s) {unknown} not in manifest {manifest.name!r}")
+        ids = wanted
+    if shard:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"shard {i}/{n}: need 0 <= I < N")
+        ids = ids[i::n]
+    return ids
+
+
+def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig, client: Client, *,
+                tiles: Iterable[str] | None = None, shard: tuple[int, int] | None = None,
+                from_stage: str | None = None, force: bool = False, progress: bool = True,
+                resources: dict[str, float] | None = None,
+                on_result: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+    """Process the selected tiles of a release on ``client``; resume skips complete tiles."""
+    t0 = time.perf_counter()
+    stages = config.load_stages()  # validate everything before any work is submitted
+    dag = Dag(stages)
+    config.stage_configs(stages)
+    dag.needed_for(config.targets)
+    if from_stage:
+        dag.downstream_of(from_stage)
+    store = CatalogStore(out_dir)
+    store.init({"release": manifest.name, "manifest_sha256": manifest.sha256, "bands": manifest.bands,
+                "code_version": __version__, "config": config.model_dump(mode="json"),
+                "config_digest": config.digest()})
+    summary = RunSummary()
+    selected = select_tiles(manifest, tiles, shard)
+    if not tiles:  # manifest-level rejects count as failed tiles of this run (in its shard)
+        rejected = [p for p in manifest.problems if not shard or p.tile in _shard_of([p.tile for p in manifest.problems], shard)]
+        for p in rejected:
+            rec = _failure(p.tile, "bad_input", p.message(), stage="manifest", file=p.file)
+            summary.failed[p.tile] = rec
+            store.record_failure(p.tile, rec)
+    token = uuid.uuid4().hex[:8]
+    futures = []
+    for tid in selected:
+        one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
+        futures.append(client.submit(process_tile, one, tid, config, str(out_dir), from_stage=from_stage,
+                                     force=force, key=f"tile-{tid}-{token}", pure=False,
+                                     retries=config.retries, resources=resources))
+    bar = _progress(len(futures), progress)
+    by_key = {f.key: tid for f, tid in zip(futures, selected)}
+    for fut in as_completed(futures):
+        tid = by_key[fut.key]
+        try:
+            rec = fut.result()
+        except Exception as exc:  # retries exhausted: lost workers, I/O, memory
+            rec = _failure(tid, "infrastructure", f"{type(exc).__name__}: {exc}", stage=None)
+        summary.records.append(rec)
+        status = rec["status"]
+        if status == "complete":
+            summary.done.append(tid)
+        elif status == "skipped":
+            summary.skipped.append(tid)
+        else:
+            summary.failed[tid] = rec
+            store.record_failure(tid, rec)
+        if on_result:
+            on_result(rec)
+        bar.update(1)
+        bar.set_postfix_str(f"failed={len(summary.failed)}")
+        fut.release()
+    bar.close()
+    summary.done.sort()
+    summary.skipped.sort()
+    summary.seconds = time.perf_counter() - t0
+    runs = Path(out_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / f"{time.strftime('%Y%m%dT%H%M%S')}-{token}.json").write_text(
+        json.dumps({**summary.as_dict(), "records": summary.records}, indent=1, default=str))
+    return summary
+
+
+def _shard_of(ids: list[str], shard: tuple[int, int]) -> list[str]:
+    i, n = shard
+    return sorted(ids)[i::n]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tile", desc="tiles", disable=not enabled, dynamic_ncols=True)
+
+
+def tile_status(out_dir: str | Path, manifest: Manifest | None = None) -> dict[str, Any]:
+    """Per-tile status of a run directory (complete / failed / pending), for ``surveypipe status``."""
+    store = CatalogStore(out_dir)
+    tiles: dict[str, dict[str, Any]] = {}
+    for tid in store.tile_ids():
+        a = store.tile_attrs(tid) or {}
+        tiles[tid] = {"status": a.get("status", "unknown"),
+                      "seconds": round(sum(s.get("seconds", 0) for s in a.get("stages", {}).values()), 3),
+                      "stages": {k: {"version": v.get("version"), "reused": v.get("reused", False)}
+                                 for k, v in a.get("stages", {}).items()}}
+    for tid, rec in store.failures().items():
+        if tid not in tiles:
+            tiles[tid] = {"status": "failed", "kind": rec.get("kind"), "error": rec.get("error"),
+                          "stage": rec.get("stage"), "file": rec.get("file")}
+        else:  # committed earlier, failed on a later rerun: the committed version stands
+            tiles[tid]["last_error"] = rec.get("error")
+    if manifest is not None:
+        for t in manifest.tiles:
+            tiles.setdefault(t.id, {"status": "pending"})
+    counts: dict[str, int] = {}
+    for v in tiles.values():
+        counts[v["status"]] = counts.get(v["status"], 0) + 1
+    return {"out": str(out_dir), "release": store.release_attrs().get("release"), "counts": counts,
+            "tiles": dict(sorted(tiles.items()))}

@@ -1,0 +1,87 @@
+"""The Stage protocol: a stage declares what it needs and makes; the engine does the rest.
+
+A stage's ``run`` is a pure function of its inputs, its validated config and its model files,
+so the engine can cache, checkpoint and rerun it from declarations alone. Stages never touch
+Dask, Zarr or the CLI.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+Products = dict[str, Any]
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: typed, documented, frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ImageSet:
+    """Per-band 2-D planes of one product (e.g. the artefact mask), stored chunked and compressed."""
+
+    planes: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Base class of every science stage.
+
+    Subclasses set the class attributes below and implement :meth:`run`.
+    ``provides`` maps each product to a one-line description; products listed in
+    ``transient`` are passed downstream but not written to the store.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[Mapping[str, str]] = {}
+    transient: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    resources: ClassVar[Mapping[str, float]] = {}
+
+    def model_files(self, config: StageConfig) -> list[Path]:
+        """Files whose bytes decide the output (ONNX models, cards): hashed into the cache key."""
+        return []
+
+    def run(self, inputs: Mapping[str, Any], config: StageConfig) -> Products:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Stage {self.name} v{self.version}>"
+
+
+def config_hash(config: BaseModel) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_model_hash_cache: dict[tuple[str, float, int], str] = {}
+
+
+def model_sha256(path: Path) -> str:
+    """sha256 of a model file, cached by (path, mtime, size) so it is read once per process."""
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key not in _model_hash_cache:
+        _model_hash_cache[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _model_hash_cache[key]
+
+
+def cache_key(stage: Stage, config: StageConfig, input_keys: Mapping[str, str]) -> str:
+    """Hash of (stage version, config, model sha256s, input keys): equal keys -> equal outputs."""
+    payload = {
+        "stage": stage.name,
+        "version": stage.version,
+        "config": config.model_dump(mode="json"),
+        "models": {p.name: model_sha256(p) for p in stage.model_files(config)},
+        "inputs": dict(sorted(input_keys.items())),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

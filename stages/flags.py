@@ -1,0 +1,23 @@
+"""The one registry of object flags (SExtractor / Rubin meanings reused where they exist)."""
+from __future__ import annotations
+
+from pipeline.bits import Bit, BitRegistry
+
+OBJECT_FLAGS = BitRegistry("object_flags", [
+    Bit("blended", 0, "object has neighbours that affect its photometry (SExtractor bit 1)"),
+    Bit("deblended_child", 1, "object is a child of a deblended parent (SExtractor bit 2)"),
+    Bit("saturated", 2, "at least one pixel of the footprint is saturated (SExtractor bit 4)"),
+    Bit("edge", 3, "footprint or aperture touches the tile edge (SExtractor bit 8)"),
+    Bit("aperture_truncated", 4, "an aperture extends past the image or into masked pixels"),
+    Bit("deblend_overflow", 5, "deblending hit its sub-object limit; children may be missing"),
+    Bit("bad_photometry", 6, "a flux could not be measured (negative area, no good pixels)"),
+    Bit("masked_pixels", 7, "the aperture contains masked (bad) pixels, excluded from the sums"),
+    Bit("artefact_cosmic_ray", 8, "aperture touches a cosmic ray"),
+    Bit("artefact_satellite_trail", 9, "aperture touches a satellite/airplane trail"),
+    Bit("artefact_hot_column", 10, "aperture touches a hot column or line"),
+    Bit("artefact_dead_column", 11, "aperture touches a dead column or line"),
+    Bit("artefact_hot_pixel", 12, "aperture touches a hot pixel"),
+    Bit("artefact_saturation", 13, "aperture touches a saturated core or bleed trail"),
+    Bit("artefact_diffraction_spike", 14, "aperture touches a diffraction spike"),
+    Bit("pixstack_overflow", 15, "detection hit sep's pixel-buffer limit and was retried with a larger one"),
+], dtype="uint32")
