@@ -38,8 +38,12 @@ class Dag:
                     raise DagError(f"stage {s.name!r} requires {r!r}, which no stage provides")
         self.order = self._toposort(list(stages))
 
+    def inputs(self, stage: Stage) -> list[str]:
+        """Products the stage gets: its requirements plus optional ones that some stage makes."""
+        return list(stage.requires) + [o for o in stage.optional if o in self.producer]
+
     def deps(self, stage: Stage) -> list[Stage]:
-        return [self.producer[r] for r in stage.requires if r in self.producer]
+        return [self.producer[r] for r in self.inputs(stage) if r in self.producer]
 
     def _toposort(self, stages: list[Stage]) -> list[Stage]:
         order: list[Stage] = []

@@ -78,14 +78,14 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
         # decide, in order, which stages can reuse the committed outputs of the previous run
         reuse: dict[str, bool] = {}
         for s in plan:
-            key = cache_key(s, cfgs[s.name], {r: keys[r] for r in s.requires})
+            key = cache_key(s, cfgs[s.name], {r: keys[r] for r in dag.inputs(s)})
             for p in s.provides:
                 keys[p] = key
             prev = old_stages.get(s.name, {})
             reuse[s.name] = (s.name not in must_run and prev.get("key") == key
                              and all(p in stored for p in s.provides))
         # a stage that runs needs its inputs: pull reusable ones from the store, else recompute
-        needed_inputs = {r for s in plan if not reuse[s.name] for r in s.requires}
+        needed_inputs = {r for s in plan if not reuse[s.name] for r in dag.inputs(s)}
         for s in plan:
             if reuse[s.name]:
                 for p in s.provides:
@@ -103,7 +103,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 products["exposure"] = tile
             ts, cpu0 = time.perf_counter(), time.process_time()
             try:
-                out = s.run({r: products[r] for r in s.requires}, cfgs[s.name])
+                out = s.run({r: products[r] for r in dag.inputs(s)}, cfgs[s.name])
             except (BadInputError, AlgorithmError, MemoryError, OSError):
                 raise
             except SurveypipeError:

@@ -37,12 +37,14 @@ class Stage:
 
     Subclasses set the class attributes below and implement :meth:`run`.
     ``provides`` maps each product to a one-line description; products listed in
-    ``transient`` are passed downstream but not written to the store.
+    ``transient`` are passed downstream but not written to the store. ``optional`` inputs are
+    wired when a stage of the graph provides them (e.g. the artefact mask), else absent.
     """
 
     name: ClassVar[str]
     version: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
+    optional: ClassVar[tuple[str, ...]] = ()  # used when some stage in the graph provides them
     provides: ClassVar[Mapping[str, str]] = {}
     transient: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[StageConfig]] = StageConfig
