@@ -212,5 +212,41 @@ def export(out, fmt, dest, columns, where, all_rows):
     click.echo(f"wrote {n} rows to {dest}")
 
 
+def _dispatch(package: str, name: str, args: tuple[str, ...]) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"{package}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(f"{package}.{name}"):
+            raise click.BadParameter(f"no {package.split('.')[-1]} workflow named {name!r}")
+        raise
+    code = mod.main(list(args))
+    sys.exit(code or 0)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(name, args):
+    """Train a model: NAME is artefacts, photoz, morphology or lenses (see NAME --help)."""
+    _dispatch("workflows.train", name, args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name, args):
+    """Run a benchmark: NAME is science, artefacts, photoz, deeplearning or performance."""
+    _dispatch("workflows.bench", name, args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def photoz(args):
+    """Apply a photo-z model to any catalogue table (see --help)."""
+    _dispatch("workflows", "photoz_apply", args)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures a stage against simulated truth and prints labelled numbers."""
