@@ -3,6 +3,7 @@ from .background import Background
 from .detection import Detection
 from .photometry import Photometry
 
-DEFAULT_STAGES = [Background, Detection, Photometry]
+CLASSICAL_STAGES = [Background, Detection, Photometry]
+DEFAULT_STAGES = [*CLASSICAL_STAGES]
 
-__all__ = ["Background", "Detection", "Photometry", "DEFAULT_STAGES"]
+__all__ = ["Background", "Detection", "Photometry", "CLASSICAL_STAGES", "DEFAULT_STAGES"]

@@ -37,6 +37,17 @@ def write_band(path: Path, image: np.ndarray, weight: np.ndarray, mask: np.ndarr
             f.write(mask.astype(np.int16), extname="MASK")
 
 
+def separated_positions(rng, n: int, size: int, margin: float, min_sep: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random positions at least ``min_sep`` pixels apart (isolated sources)."""
+    pts: list[tuple[float, float]] = []
+    while len(pts) < n:
+        p = rng.uniform(margin, size - margin, 2)
+        if all(np.hypot(p[0] - q[0], p[1] - q[1]) >= min_sep for q in pts):
+            pts.append((float(p[0]), float(p[1])))
+    a = np.array(pts)
+    return a[:, 0], a[:, 1]
+
+
 def make_release(root: Path, *, n_tiles: int = 2, size: int = 128, bands=("g", "r"), seed: int = 101,
                  n_src: int = 12, noise: float = 5.0) -> tuple[Path, dict]:
     """Write ``n_tiles`` tiles with ``n_src`` Gaussian sources each; return (manifest, truth)."""
@@ -45,8 +56,7 @@ def make_release(root: Path, *, n_tiles: int = 2, size: int = 128, bands=("g", "
     tiles, truth = [], {}
     for t in range(n_tiles):
         tid = f"t{t:04d}"
-        xs = rng.uniform(12, size - 12, n_src)
-        ys = rng.uniform(12, size - 12, n_src)
+        xs, ys = separated_positions(rng, n_src, size, margin=12, min_sep=10.0)
         fl = rng.uniform(3000, 20000, n_src)
         truth[tid] = {"x": xs, "y": ys, "flux": fl}
         files = {}

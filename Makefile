@@ -1,0 +1,69 @@
+# surveypipe: two commands do all the set-up on a fresh machine — `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SP := $(VENV)/bin/surveypipe
+DEMO ?= data/demo
+DEMO_OUT ?= out/demo
+WORKERS ?=
+PYTEST_ARGS ?=
+BENCH_OUT ?= out/bench
+
+.PHONY: install install-dev system-packages run test test-fast bench models clean help
+
+help:
+	@echo "make run     install and run the main job on a small mock release (LocalCluster)"
+	@echo "make test    install everything and run the test suite (starts a local SLURM as root)"
+	@echo "make bench   science and performance benchmarks (prints figures and ratios)"
+	@echo "make models  retrain every shipped ONNX model (writes stages/models/*)"
+
+$(VENV)/.stamp-runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[sim]'
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-runtime
+	$(PY) -m pip install -q -e '.[sim,train,dev,hats]'
+	touch $@
+
+install: $(VENV)/.stamp-runtime
+
+install-dev: $(VENV)/.stamp-dev system-packages
+
+# Debian packages the tests and benchmarks use (real SLURM, fitsverify, SExtractor); root only.
+system-packages:
+	@bash deploy/system-packages.sh
+
+run: install
+	@if [ ! -f $(DEMO)/manifest.yaml ]; then \
+	  $(SP) simulate --out $(DEMO) --tiles 4 --size 1024 --bands ugrizy --seed 42; fi
+	$(SP) run $(DEMO)/manifest.yaml --out $(DEMO_OUT) $(if $(WORKERS),--workers $(WORKERS))
+	$(SP) status $(DEMO_OUT)
+	$(SP) export $(DEMO_OUT) --format parquet --to $(DEMO_OUT)/catalog.parquet
+	$(SP) export $(DEMO_OUT) --format fits --to $(DEMO_OUT)/catalog.fits
+
+test: install-dev
+	@if [ "$$(id -u)" = "0" ]; then bash deploy/slurm/local-cluster.sh start || echo "local SLURM did not start: SLURM tests will say why they skip"; fi
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  if [ "$$(id -u)" = "0" ]; then bash deploy/slurm/local-cluster.sh stop >/dev/null 2>&1 || true; fi; exit $$rc
+
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow and not slurm and not training" $(PYTEST_ARGS)
+
+bench: install-dev
+	mkdir -p $(BENCH_OUT)
+	$(SP) bench science --out $(BENCH_OUT)/science
+	$(SP) bench artefacts --out $(BENCH_OUT)/artefacts
+	$(SP) bench photoz --out $(BENCH_OUT)/photoz
+	$(SP) bench deeplearning --out $(BENCH_OUT)/deeplearning
+	$(SP) bench performance --out $(BENCH_OUT)/performance
+
+models: install-dev
+	$(SP) train artefacts --out stages/models/artefacts
+	$(SP) train photoz --mock --out stages/models/photoz
+	$(SP) train morphology --out stages/models/morphology
+	$(SP) train lenses --out stages/models/lenses
+
+clean:
+	rm -rf out data/demo .pytest_cache
