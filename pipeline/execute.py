@@ -18,6 +18,7 @@ from . import __version__
 from .config import PipelineConfig
 from .dag import Dag
 from .manifest import Manifest
+from .stage import Stage
 from .runner import _failure, process_tile
 from .store import CatalogStore
 
@@ -69,12 +70,35 @@ def select_tiles(manifest: Manifest, tiles: Iterable[str] | None = None, shard: 
     return ids
 
 
+def segments(plan: list[Stage]) -> list[tuple[dict[str, float], list[str]]]:
+    """Split the ordered plan into runs of consecutive stages asking for the same resources."""
+    out: list[tuple[dict[str, float], list[str]]] = []
+    for s in plan:
+        res = dict(s.resources)
+        if out and out[-1][0] == res:
+            out[-1][1].append(s.name)
+        else:
+            out.append((res, [s.name]))
+    return out
+
+
+def cluster_resources(client: Client) -> set[str]:
+    """Names of the abstract resources (e.g. GPU) that at least one worker advertises now."""
+    info = client.scheduler_info(n_workers=-1)
+    return {r for w in info.get("workers", {}).values() for r in (w.get("resources") or {})}
+
+
 def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig, client: Client, *,
                 tiles: Iterable[str] | None = None, shard: tuple[int, int] | None = None,
                 from_stage: str | None = None, force: bool = False, progress: bool = True,
-                resources: dict[str, float] | None = None,
+                placement: bool | None = None,
                 on_result: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
-    """Process the selected tiles of a release on ``client``; resume skips complete tiles."""
+    """Process the selected tiles of a release on ``client``; resume skips complete tiles.
+
+    With ``placement`` (default: when some worker advertises a resource a stage asks for, e.g.
+    ``GPU``), a tile becomes a chain of tasks, one per run of stages with equal resources, handing
+    over through the tile's checkpoint; otherwise one task per tile on any worker.
+    """
     t0 = time.perf_counter()
     stages = config.load_stages()  # validate everything before any work is submitted
     dag = Dag(stages)
@@ -95,12 +119,24 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
             summary.failed[p.tile] = rec
             store.record_failure(p.tile, rec)
     token = uuid.uuid4().hex[:8]
+    plan = dag.needed_for(config.targets)
+    segs = segments(plan)
+    wanted = {r for res, _ in segs for r in res}
+    if placement is None:
+        placement = bool(wanted) and wanted <= cluster_resources(client)
+    if not placement:
+        segs = [({}, [s.name for s in plan])]
     futures = []
     for tid in selected:
         one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
-        futures.append(client.submit(process_tile, one, tid, config, str(out_dir), from_stage=from_stage,
-                                     force=force, key=f"tile-{tid}-{token}", pure=False,
-                                     retries=config.retries, resources=resources))
+        prev = None
+        for i, (res, names) in enumerate(segs):
+            last = i == len(segs) - 1
+            prev = client.submit(process_tile, one, tid, config, str(out_dir), from_stage=from_stage, force=force,
+                                 segment=None if last else names, previous=prev,
+                                 key=f"tile-{tid}-{token}-{i}", pure=False, retries=config.retries,
+                                 resources=res or None)
+        futures.append(prev)
     bar = _progress(len(futures), progress)
     by_key = {f.key: tid for f, tid in zip(futures, selected)}
     for fut in as_completed(futures):

@@ -53,21 +53,38 @@ def _failure(tile_id: str, kind: str, message: str, *, stage: str | None = None,
 
 
 def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_dir: str, *,
-                 from_stage: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Run the configured stages on one tile and commit it; return a small status record."""
+                 from_stage: str | None = None, force: bool = False, segment: list[str] | None = None,
+                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the configured stages on one tile and commit it; return a small status record.
+
+    With ``segment`` (stage names), only the sub-graph those stages need runs and its products
+    go to the tile's checkpoint, not the catalogue: the next task (e.g. ONNX stages on a GPU
+    worker) reuses them and commits. ``previous`` is the record of that earlier task.
+    """
     t0 = time.perf_counter()
+    if previous is not None and previous.get("status") == "failed":
+        return previous
     store = CatalogStore(out_dir)
     digest = config.digest()
+    first_task = previous is None
     if not force and from_stage is None and store.is_complete(tile_id, digest):
         return {"tile": tile_id, "status": "skipped", "seconds": 0.0}
+    if first_task and (force or from_stage):
+        store.drop_checkpoint(tile_id)  # recompute means recompute, not reuse of an older partial
     stages = config.load_stages()
     dag = Dag(stages)
     cfgs = config.stage_configs(stages)
-    plan = dag.needed_for(config.targets)
+    plan = dag.needed_for(segment if segment else config.targets)
+    full_plan = dag.needed_for(config.targets)
+    final = segment is None
     must_run = dag.downstream_of(from_stage) if from_stage else set()
-    old = None if force else store.tile_attrs(tile_id)
-    old_stages: dict[str, Any] = (old or {}).get("stages", {})
-    stored = set((old or {}).get("products", []))
+    committed = None if force else store.tile_attrs(tile_id)
+    checkpoint = store.tile_attrs(tile_id, "checkpoint")
+    sources = []  # newest first: this run's checkpoint, then the committed tile
+    if checkpoint:
+        sources.append(("checkpoint", checkpoint, True))
+    if committed:
+        sources.append(("tile", committed, False))
 
     products: dict[str, Any] = {}
     keys: dict[str, str] = {"exposure": _exposure_key(manifest, tile_id)}
@@ -75,25 +92,30 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
     tile: TileData | None = None
     current: Stage | None = None
     try:
-        # decide, in order, which stages can reuse the committed outputs of the previous run
-        reuse: dict[str, bool] = {}
+        # decide, in order, which stages can reuse outputs already on disk (same cache key)
+        reuse: dict[str, str | None] = {}
         for s in plan:
             key = cache_key(s, cfgs[s.name], {r: keys[r] for r in dag.inputs(s)})
             for p in s.provides:
                 keys[p] = key
-            prev = old_stages.get(s.name, {})
-            reuse[s.name] = (s.name not in must_run and prev.get("key") == key
-                             and all(p in stored for p in s.provides))
-        # a stage that runs needs its inputs: pull reusable ones from the store, else recompute
+            reuse[s.name] = None
+            for where, attrs, overrides_must_run in sources:
+                if s.name in must_run and not overrides_must_run:
+                    continue
+                prev = attrs.get("stages", {}).get(s.name, {})
+                if prev.get("key") == key and all(p in attrs.get("products", []) for p in s.provides):
+                    reuse[s.name] = where
+                    break
+        prev_records = {w: a.get("stages", {}) for w, a, _ in sources}
         needed_inputs = {r for s in plan if not reuse[s.name] for r in dag.inputs(s)}
         for s in plan:
             if reuse[s.name]:
                 for p in s.provides:
                     if p in needed_inputs:
-                        products[p] = store.read_product(tile_id, p)
+                        products[p] = store.read_product(tile_id, p, reuse[s.name])
         for s in plan:
             if reuse[s.name]:
-                record[s.name] = dict(old_stages[s.name], reused=True)
+                record[s.name] = dict(prev_records[reuse[s.name]][s.name], reused=True)
                 continue
             current = s
             if "exposure" in s.requires and tile is None:
@@ -104,9 +126,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
             ts, cpu0 = time.perf_counter(), time.process_time()
             try:
                 out = s.run({r: products[r] for r in dag.inputs(s)}, cfgs[s.name])
-            except (BadInputError, AlgorithmError, MemoryError, OSError):
-                raise
-            except SurveypipeError:
+            except (SurveypipeError, MemoryError, OSError):
                 raise
             except Exception as exc:  # a bug or numerical failure in the stage: not retried
                 raise AlgorithmError(f"stage {s.name!r} failed on tile {tile_id!r}: {type(exc).__name__}: {exc}") from exc
@@ -122,36 +142,48 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 "reused": False,
             }
         current = None
-        # products to store: everything non-transient made now, plus reused ones carried over
+        # products to store: everything non-transient of the plan, reused ones carried over
         to_store: dict[str, Any] = {}
         for s in plan:
             for p in s.provides:
                 if p in s.transient:
                     continue
                 if reuse[s.name] and p not in products:
-                    products[p] = store.read_product(tile_id, p)
+                    products[p] = store.read_product(tile_id, p, reuse[s.name])
                 to_store[p] = products[p]
         t_write = time.perf_counter()
+        old = committed or checkpoint or {}
         attrs = {
             "tile_id": tile_id,
             "config_digest": digest,
             "code_version": CODE_VERSION,
             "stages": {k: v for k, v in record.items() if not k.startswith("_")},
-            "inputs": {"files": tile.files if tile else (old or {}).get("inputs", {}).get("files", {}),
-                       "sha256": tile.checksums if tile else (old or {}).get("inputs", {}).get("sha256", {}),
+            "inputs": {"files": tile.files if tile else old.get("inputs", {}).get("files", {}),
+                       "sha256": tile.checksums if tile else old.get("inputs", {}).get("sha256", {}),
                        "key": keys["exposure"]},
-            "bands": tile.bands if tile else (old or {}).get("bands", []),
-            "shape": list(tile.shape) if tile else (old or {}).get("shape"),
+            "bands": tile.bands if tile else old.get("bands", []),
+            "shape": list(tile.shape) if tile else old.get("shape"),
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "timings": {"read": record.get("_read", {}).get("seconds", 0.0)},
         }
-        store.commit_tile(tile_id, to_store, attrs)
+        if final and [s.name for s in plan] != [s.name for s in full_plan]:
+            raise AlgorithmError(f"tile {tile_id!r}: final task does not cover the whole plan")
+        store.commit_tile(tile_id, to_store, attrs, where="tile" if final else "checkpoint")
         write_s = time.perf_counter() - t_write
         total = time.perf_counter() - t0
-        return {"tile": tile_id, "status": "complete", "seconds": round(total, 3),
-                "write_seconds": round(write_s, 4), "read_seconds": attrs["timings"]["read"],
-                "stages": {k: {"seconds": v.get("seconds", 0.0), "cpu_seconds": v.get("cpu_seconds", 0.0),
-                               "reused": v.get("reused", False)} for k, v in record.items() if not k.startswith("_")},
+        stage_times = {k: {"seconds": v.get("seconds", 0.0), "cpu_seconds": v.get("cpu_seconds", 0.0),
+                           "reused": v.get("reused", False)} for k, v in record.items() if not k.startswith("_")}
+        if previous is not None:  # the earlier segment's timings belong to this tile too
+            for k, v in previous.get("stages", {}).items():
+                if not v.get("reused") and stage_times.get(k, {}).get("reused", True):
+                    stage_times[k] = v
+            total += previous.get("seconds", 0.0)
+            write_s += previous.get("write_seconds", 0.0)
+        return {"tile": tile_id, "status": "complete" if final else "checkpointed", "seconds": round(total, 3),
+                "write_seconds": round(write_s, 4), "read_seconds": attrs["timings"]["read"]
+                + (previous or {}).get("read_seconds", 0.0),
+                "stages": stage_times, "host": socket.gethostname(),
+                "pids": [*(previous or {}).get("pids", []), os.getpid()],
                 "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     except BadInputError as exc:
         return _failure(tile_id, exc.kind, str(exc), stage=current.name if current else "read", file=exc.file,

@@ -62,6 +62,7 @@ class CatalogStore:
         self.tiles_path = self.path / "tiles"
         self.staging = self.out / ".staging"
         self.status_dir = self.out / "status"
+        self.checkpoints = self.out / ".checkpoints"
 
     # ---------------------------------------------------------------- release level
     def init(self, attrs: dict[str, Any]) -> None:
@@ -90,16 +91,18 @@ class CatalogStore:
         return n
 
     # ---------------------------------------------------------------- tile level
-    def tile_path(self, tile_id: str) -> Path:
-        return self.tiles_path / tile_id
+    def tile_path(self, tile_id: str, where: str = "tile") -> Path:
+        """The committed tile group, or (``where="checkpoint"``) the partial products of a
+        tile whose later stages run in another task (e.g. ONNX stages on a GPU worker)."""
+        return (self.tiles_path if where == "tile" else self.checkpoints) / tile_id
 
     def tile_ids(self) -> list[str]:
         if not self.tiles_path.exists():
             return []
         return sorted(p.name for p in self.tiles_path.iterdir() if (p / "zarr.json").exists())
 
-    def tile_attrs(self, tile_id: str) -> dict[str, Any] | None:
-        meta = self.tile_path(tile_id) / "zarr.json"
+    def tile_attrs(self, tile_id: str, where: str = "tile") -> dict[str, Any] | None:
+        meta = self.tile_path(tile_id, where) / "zarr.json"
         if not meta.exists():
             return None
         return json.loads(meta.read_text()).get("attributes", {})
@@ -110,15 +113,15 @@ class CatalogStore:
             return False
         return config_digest is None or attrs.get("config_digest") == config_digest
 
-    def _group(self, tile_id: str) -> zarr.Group:
-        return zarr.open_group(LocalStore(self.tile_path(tile_id), read_only=True), mode="r")
+    def _group(self, tile_id: str, where: str = "tile") -> zarr.Group:
+        return zarr.open_group(LocalStore(self.tile_path(tile_id, where), read_only=True), mode="r")
 
     def stored_products(self, tile_id: str) -> list[str]:
         attrs = self.tile_attrs(tile_id) or {}
         return list(attrs.get("products", []))
 
-    def read_product(self, tile_id: str, name: str) -> Table | ImageSet:
-        g = self._group(tile_id)[name]
+    def read_product(self, tile_id: str, name: str, where: str = "tile") -> Table | ImageSet:
+        g = self._group(tile_id, where)[name]
         kind = g.attrs.get("kind")
         if kind == "table":
             info = {k: ColumnInfo(**v) for k, v in g.attrs.get("info", {}).items()}
@@ -134,7 +137,7 @@ class CatalogStore:
         names = list(columns) if columns is not None else list(g.attrs["columns"])
         return Table({c: g[c][...] for c in names}, {c: info[c] for c in names if c in info})
 
-    def commit_tile(self, tile_id: str, products: dict[str, Any], attrs: dict[str, Any]) -> None:
+    def commit_tile(self, tile_id: str, products: dict[str, Any], attrs: dict[str, Any], where: str = "tile") -> None:
         """Write every product into a staging group, then make it visible in one rename."""
         self.staging.mkdir(parents=True, exist_ok=True)
         stage_dir = self.staging / f"{tile_id}.{uuid.uuid4().hex}"
@@ -149,7 +152,7 @@ class CatalogStore:
                 continue  # not a storable product (e.g. an in-memory handle)
             written.append(name)
         group.attrs.update({**attrs, "products": written, "status": COMPLETE})
-        final = self.tile_path(tile_id)
+        final = self.tile_path(tile_id, where)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             if _exchange(stage_dir, final):
@@ -161,7 +164,16 @@ class CatalogStore:
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(stage_dir, final)
-        self.clear_failure(tile_id)
+        if where == "tile":
+            self.clear_failure(tile_id)
+            self.drop_checkpoint(tile_id)
+
+    def drop_checkpoint(self, tile_id: str) -> None:
+        cp = self.tile_path(tile_id, "checkpoint")
+        if cp.exists():
+            trash = self.staging / f"{tile_id}.cp.{uuid.uuid4().hex}"
+            os.rename(cp, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     # ---------------------------------------------------------------- failures
     def record_failure(self, tile_id: str, record: dict[str, Any]) -> None:

@@ -48,3 +48,22 @@ def make_stage(name: str, requires: tuple[str, ...], provides: tuple[str, ...]) 
     cls = type(f"S_{name}", (Stage,), {"name": name, "version": "1", "requires": requires,
                                       "provides": {p: p for p in provides}})
     return cls()
+
+
+class GpuCopy(Stage):
+    """Asks for a GPU worker; records which worker process ran it."""
+
+    name = "gpucopy"
+    version = "1"
+    requires = ("objects",)
+    provides = {"gputable": "objectId copy + pid of the worker"}
+    resources = {"GPU": 1}
+
+    def run(self, inputs, config):
+        import os
+
+        t = Table()
+        ids = np.asarray(inputs["objects"]["objectId"])
+        t.add("objectId", ids, "", "id")
+        t.add("pid", np.full(len(ids), os.getpid(), np.int64), "", "worker pid")
+        return {"gputable": t}
