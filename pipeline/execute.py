@@ -23,6 +23,7 @@ from .runner import _failure, process_tile
 from .store import CatalogStore
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NONE_DONE = 0, 1, 3
+CPU_RESOURCE = "CPU"  # advertised by CPU-only workers of a heterogeneous cluster (see deploy/slurm)
 
 
 @dataclass
@@ -122,10 +123,13 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
     plan = dag.needed_for(config.targets)
     segs = segments(plan)
     wanted = {r for res, _ in segs for r in res}
+    available = cluster_resources(client)
     if placement is None:
-        placement = bool(wanted) and wanted <= cluster_resources(client)
+        placement = bool(wanted) and wanted <= available
     if not placement:
         segs = [({}, [s.name for s in plan])]
+    elif CPU_RESOURCE in available:  # keep plain stages off the GPU workers when CPU ones say so
+        segs = [(res or {CPU_RESOURCE: 1}, names) for res, names in segs]
     futures = []
     for tid in selected:
         one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})

@@ -23,7 +23,7 @@ def test_segments_group_consecutive_stages_by_resources():
 def test_gpu_stage_runs_on_gpu_worker_and_cpu_stages_elsewhere(tmp_path):
     manifest, _ = make_release(tmp_path / "rel", n_tiles=2, size=96)
     m = load_manifest(manifest)
-    spec = {"cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+    spec = {"cpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"CPU": 1}}},
             "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
     with SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c, Client(c) as cl:
         cl.wait_for_workers(2)
