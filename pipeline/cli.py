@@ -51,6 +51,8 @@ def _cluster_options(f):
                      help="pipeline config YAML (stages, per-stage settings)")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="STAGE.FIELD=VALUE", help="override a stage setting")(f)
     f = click.option("--no-progress", is_flag=True, help="no progress bar")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                     help="ONNX stages: CUDA when usable (auto), or force cpu/cuda")(f)
     return f
 
 
@@ -75,13 +77,13 @@ def _open_client(cluster: str, workers: int | None, scheduler: str | None, jobqu
 
 def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=None, force=False, workers=None,
          cluster="local", scheduler=None, jobqueue_config=None, min_jobs=1, max_jobs=None, config_path=None,
-         overrides=(), no_progress=False, targets=None) -> int:
+         overrides=(), no_progress=False, targets=None, device=None) -> int:
     from .config import load_config
     from .execute import run_release
     from .manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
-    config = load_config(config_path, list(overrides), targets=targets)
+    config = load_config(config_path, list(overrides), targets=targets, device=device)
     stages = config.load_stages()
     from .dag import Dag
 
@@ -111,7 +113,7 @@ def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=Non
 @click.option("--dry-run", is_flag=True, help="SLURM: print the generated job script and exit")
 @_cluster_options
 def run(manifest, out, tiles, shard, targets, force, dry_run, workers, cluster, scheduler, jobqueue_config,
-        min_jobs, max_jobs, config_path, overrides, no_progress):
+        min_jobs, max_jobs, config_path, overrides, no_progress, device):
     """Process a data release (resumes: complete tiles are skipped).
 
     Exit code 0: every tile done; 1: some tiles failed; 3: no tile done.
@@ -125,7 +127,7 @@ def run(manifest, out, tiles, shard, targets, force, dry_run, workers, cluster, 
         code = _run(manifest, out, tiles=list(tiles) or None, shard=_parse_shard(shard), force=force,
                     workers=workers, cluster=cluster, scheduler=scheduler, jobqueue_config=jobqueue_config,
                     min_jobs=min_jobs, max_jobs=max_jobs, config_path=config_path, overrides=overrides,
-                    no_progress=no_progress, targets=list(targets) or None)
+                    no_progress=no_progress, targets=list(targets) or None, device=device)
     except (SurveypipeError, KeyError, ValueError) as exc:
         _fail(exc)
     sys.exit(code)
@@ -138,13 +140,13 @@ def run(manifest, out, tiles, shard, targets, force, dry_run, workers, cluster, 
 @click.option("--from", "from_stage", default=None, help="rerun from this stage; upstream products are reused")
 @_cluster_options
 def rerun(manifest, out, tiles, from_stage, workers, cluster, scheduler, jobqueue_config, min_jobs, max_jobs,
-          config_path, overrides, no_progress):
+          config_path, overrides, no_progress, device):
     """Recompute single tiles (all stages, or from STAGE on), leaving other tiles untouched."""
     try:
         code = _run(manifest, out, tiles=list(tiles), from_stage=from_stage, force=from_stage is None,
                     workers=workers or 1, cluster=cluster, scheduler=scheduler, jobqueue_config=jobqueue_config,
                     min_jobs=min_jobs, max_jobs=max_jobs, config_path=config_path, overrides=overrides,
-                    no_progress=no_progress)
+                    no_progress=no_progress, device=device)
     except (SurveypipeError, KeyError, ValueError) as exc:
         _fail(exc)
     sys.exit(code)

@@ -27,6 +27,8 @@ class PipelineConfig(BaseModel):
     targets: list[str] | None = Field(None, description="products or stages to make; None = everything")
     stage_config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-stage config overrides")
     retries: int = Field(2, ge=0, le=10, description="retries of a tile after an infrastructure failure")
+    device: str | None = Field(None, pattern="^(auto|cpu|cuda)$",
+                               description="ONNX device for every stage that has a 'device' setting")
 
     def load_stages(self) -> list[Stage]:
         refs = [self.stages] if isinstance(self.stages, str) else list(self.stages)
@@ -48,8 +50,11 @@ class PipelineConfig(BaseModel):
             raise ConfigError(f"config for unknown stage(s) {unknown}; stages are {sorted(names)}")
         out: dict[str, StageConfig] = {}
         for s in stages:
+            values = dict(self.stage_config.get(s.name, {}))
+            if self.device and "device" in s.Config.model_fields:
+                values.setdefault("device", self.device)
             try:
-                out[s.name] = s.Config.model_validate(self.stage_config.get(s.name, {}))
+                out[s.name] = s.Config.model_validate(values)
             except ValidationError as exc:
                 why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ConfigError(f"stage {s.name!r} config invalid: {why}") from exc
