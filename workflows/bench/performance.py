@@ -1,0 +1,244 @@
+"""Performance benchmark (issue 9): per-stage cost, I/O vs compute vs orchestration, memory,
+scaling from 1 to N workers, per-task overhead on many small tiles, and SExtractor as the yardstick.
+
+Every figure is measured in this one run on this machine and printed with its unit.
+``surveypipe bench performance --help`` lists the options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import PipelineConfig
+from pipeline.execute import RunSummary, run_release
+from pipeline.manifest import load_manifest
+from workflows.mock.seeds import check_seed
+
+BENCH_SEED = 9500
+SMALL_SEED = 9501
+CLASSICAL = ("background", "detection", "deblending", "photometry")
+
+
+def machine_header() -> list[str]:
+    import dask
+    import numpy
+    import onnxruntime as ort
+    import sep
+    import zarr
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    sx = "not installed"
+    if shutil.which("source-extractor"):
+        out = subprocess.run(["source-extractor", "--version"], capture_output=True, text=True)
+        sx = (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
+    return [
+        f"machine: {platform.node()}  {cpu}  cores={os.cpu_count()}  memory={mem:.1f} GiB",
+        f"versions: python {platform.python_version()}  numpy {numpy.__version__}  sep {sep.__version__}  "
+        f"dask {dask.__version__}  zarr {zarr.__version__}  onnxruntime {ort.__version__} "
+        f"(providers {ort.get_available_providers()})",
+        f"sextractor: {sx}",
+    ]
+
+
+def simulate(path: Path, n_tiles: int, size: int, bands: str, seed: int) -> Path:
+    from workflows.mock.release import write_release
+
+    manifest = path / "manifest.yaml"
+    stamp = path / "bench-params.json"
+    params = {"n_tiles": n_tiles, "size": size, "bands": bands, "seed": seed}
+    if manifest.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return manifest
+    shutil.rmtree(path, ignore_errors=True)
+    write_release(path, n_tiles=n_tiles, size=size, bands=bands, seed=seed, overlap=min(64, size // 4), progress=False)
+    stamp.write_text(json.dumps(params))
+    return manifest
+
+
+def run_once(manifest: Path, out: Path, workers: int, config: PipelineConfig) -> tuple[RunSummary, float, list[float], list[float]]:
+    """Run the release on a fresh LocalCluster of ``workers`` processes; wall time and worker peak RSS."""
+    from distributed import Client
+
+    from pipeline.cluster import local_cluster
+
+    shutil.rmtree(out, ignore_errors=True)
+    m = load_manifest(manifest)
+    cluster = local_cluster(workers, dashboard=False)
+    client = Client(cluster)
+    try:
+        client.wait_for_workers(workers)
+        # warm the workers (imports) so the timing is of the pipeline, not of Python start-up
+        client.run(_warm_up)
+        base = list(client.run(_rss_now_mb).values())
+        t = time.perf_counter()
+        summary = run_release(m, out, config, client, progress=False)
+        wall = time.perf_counter() - t
+        rss = list(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024).values())
+    finally:
+        client.close()
+        cluster.close()
+    return summary, wall, rss, base
+
+
+def _warm_up() -> None:
+    """Import what a tile task imports, so timings are of the pipeline, not of Python start-up."""
+    import astropy.wcs  # noqa: F401
+    import fitsio  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import pipeline.runner  # noqa: F401
+    import stages  # noqa: F401
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, float]]:
+    """Per stage: wall and CPU seconds per megapixel per band, summed over tiles."""
+    tot: dict[str, dict[str, float]] = {}
+    for rec in summary.records:
+        for name, st in rec.get("stages", {}).items():
+            d = tot.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+            d["seconds"] += st.get("seconds", 0.0)
+            d["cpu_seconds"] += st.get("cpu_seconds", 0.0)
+    return {k: {"wall_s_per_mpix_band": v["seconds"] / mpix_band, "cpu_s_per_mpix_band": v["cpu_seconds"] / mpix_band,
+                "seconds": v["seconds"]} for k, v in tot.items()}
+
+
+def time_budget(summary: RunSummary, wall: float, workers: int) -> dict[str, float]:
+    """Shares of worker time: FITS read, Zarr write, stage compute, and the rest (orchestration)."""
+    read = sum(r.get("read_seconds", 0.0) for r in summary.records)
+    write = sum(r.get("write_seconds", 0.0) for r in summary.records)
+    compute = sum(st.get("seconds", 0.0) for r in summary.records for st in r.get("stages", {}).values())
+    capacity = wall * workers
+    return {"read_s": read, "write_s": write, "compute_s": compute, "capacity_s": capacity,
+            "io_share": (read + write) / capacity, "compute_share": compute / capacity,
+            "orchestration_share": max(0.0, capacity - read - write - compute) / capacity}
+
+
+def sextractor_seconds(manifest: Path, det_band: str) -> float | None:
+    """Wall seconds of SExtractor in dual-image mode over every tile and band of the release."""
+    try:
+        from workflows.bench.sextractor import run_dual_image
+    except ImportError:
+        return None
+    if not shutil.which("source-extractor"):
+        return None
+    m = load_manifest(manifest)
+    t = time.perf_counter()
+    for spec in m.tiles:
+        run_dual_image(m, spec, det_band)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="surveypipe bench performance", description=__doc__)
+    ap.add_argument("--tiles", type=int, default=4)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--bands", default="ugrizy")
+    ap.add_argument("--seed", type=int, default=BENCH_SEED)
+    ap.add_argument("--workers", default="1,2", help="worker counts for the scaling test")
+    ap.add_argument("--small-tiles", type=int, default=32, help="tiles of the many-small-tiles run")
+    ap.add_argument("--small-size", type=int, default=256)
+    ap.add_argument("--stages", default="stages:DEFAULT_STAGES", help="stage list (module:LIST)")
+    ap.add_argument("--det-band", default="i", help="SExtractor detection band")
+    ap.add_argument("--out", default="out/bench/performance")
+    a = ap.parse_args(argv)
+    check_seed(a.seed, "benchmark")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for line in machine_header():
+        print(line)
+    t = time.perf_counter()
+    manifest = simulate(out / "release", a.tiles, a.size, a.bands, a.seed)
+    print(f"release: {a.tiles} tiles of {a.size}x{a.size} px in {len(a.bands)} bands (seed {a.seed}); "
+          f"simulated/reused in {time.perf_counter() - t:.1f} s")
+    config = PipelineConfig(stages=a.stages)
+    mpix = a.tiles * a.size * a.size / 1e6
+    mpix_band = mpix * len(a.bands)
+    tile_pixel_bytes = a.size * a.size * len(a.bands) * 4
+    results: dict[str, Any] = {"tiles": a.tiles, "size": a.size, "bands": a.bands, "runs": {}}
+    walls: dict[int, float] = {}
+    for n in [int(x) for x in a.workers.split(",")]:
+        summary, wall, rss, idle = run_once(manifest, out / f"run-w{n}", n, config)
+        if summary.failed:
+            print(f"FAILED tiles with {n} workers: {summary.failed}")
+            return 1
+        walls[n] = wall
+        results["runs"][n] = {"wall_s": wall, "peak_rss_mb": rss, "idle_rss_mb": idle, "stages": stage_table(summary, mpix_band),
+                              "budget": time_budget(summary, wall, n)}
+    n1 = min(walls)
+    base = results["runs"][n1]
+    print(f"\nper stage ({n1} worker{'s' if n1 > 1 else ''}; seconds per megapixel per band, summed over tiles)")
+    print(f"{'stage':14s} {'wall s/MPix/band':>18s} {'CPU s/MPix/band':>17s}")
+    classical_s = 0.0
+    total_s = 0.0
+    for name, v in base["stages"].items():
+        print(f"{name:14s} {v['wall_s_per_mpix_band']:18.4f} {v['cpu_s_per_mpix_band']:17.4f}")
+        total_s += v["seconds"]
+        if name in CLASSICAL:
+            classical_s += v["seconds"]
+    b = base["budget"]
+    print(f"\ntime budget ({n1} worker): FITS read {b['read_s']:.2f} s, Zarr write {b['write_s']:.2f} s, "
+          f"stage compute {b['compute_s']:.2f} s, of {b['capacity_s']:.2f} worker-seconds")
+    print(f"  shares: I/O {100 * b['io_share']:.1f} %, compute {100 * b['compute_share']:.1f} %, "
+          f"orchestration {100 * b['orchestration_share']:.1f} %")
+    peak = max(base["peak_rss_mb"])
+    idle = max(base["idle_rss_mb"])
+    print(f"peak resident memory per worker: {peak:.0f} MB ({idle:.0f} MB of it is the idle worker with its "
+          f"libraries loaded); one tile's pixel data ({a.size}² × {len(a.bands)} bands × float32): "
+          f"{tile_pixel_bytes / 2**20:.0f} MB; ratio peak/tile {peak * 2**20 / tile_pixel_bytes:.2f}, "
+          f"(peak − idle)/tile {(peak - idle) * 2**20 / tile_pixel_bytes:.2f} (goal ≤ 3)")
+    cores = n1
+    print(f"whole-pipeline throughput: {mpix / walls[n1] / cores:.3f} MPix/s/core of sky, "
+          f"{mpix_band / walls[n1] / cores:.3f} band-MPix/s/core (wall {walls[n1]:.1f} s)")
+    if len(walls) > 1:
+        print("\nscaling (efficiency = T1 / (N·TN), goal ≥ 0.9):")
+        for n, w in sorted(walls.items()):
+            eff = walls[n1] * n1 / (n * w)
+            bud = results["runs"][n]["budget"]
+            print(f"  {n} workers: wall {w:.1f} s, efficiency {eff:.2f}, orchestration {100 * bud['orchestration_share']:.1f} %")
+            results["runs"][n]["efficiency"] = eff
+    # per-task overhead: many small tiles
+    small = simulate(out / "small-release", a.small_tiles, a.small_size, a.bands, SMALL_SEED)
+    nmax = max(walls)
+    summary, wall, _, _ = run_once(small, out / "run-small", nmax, config)
+    compute = sum(r.get("seconds", 0.0) for r in summary.records)
+    overhead = (wall * nmax - compute) / max(1, a.small_tiles)
+    print(f"\nmany small tiles: {a.small_tiles} tiles of {a.small_size}² on {nmax} workers: wall {wall:.1f} s, "
+          f"task time {compute:.1f} s, per-task overhead {overhead * 1000:.0f} ms/tile")
+    results["small_tiles"] = {"wall_s": wall, "task_s": compute, "overhead_s_per_tile": overhead}
+    sx = sextractor_seconds(manifest, a.det_band if a.det_band in a.bands else a.bands[-1])
+    if sx is not None:
+        print(f"\nSExtractor (dual-image, detection band {a.det_band}, all {len(a.bands)} bands, 1 core): {sx:.1f} s "
+              f"= {sx / mpix_band:.4f} s/MPix/band")
+        read_s = base["budget"]["read_s"]
+        print(f"  our classical stages + FITS read / SExtractor: {(classical_s + read_s) / sx:.2f} (goal ≤ 0.5)")
+        print(f"  our whole pipeline (all stages on the CPU + FITS read) / SExtractor: {(total_s + read_s) / sx:.2f} (goal ≤ 3)")
+        results["sextractor_s"] = sx
+        results["ratio_classical"] = (classical_s + read_s) / sx
+        results["ratio_pipeline"] = (total_s + read_s) / sx
+    else:
+        print("\nSExtractor: not available (install Debian's source-extractor: make system-packages)")
+    (out / "performance.json").write_text(json.dumps(results, indent=1, default=float))
+    print(f"\nnumbers written to {out / 'performance.json'}")
+    return 0
