@@ -1,14 +1,16 @@
 """Data release manifests: which tiles exist, their per-band FITS files and HDUs.
 
-Structural checks happen here (safe ids, known bands, duplicates). Checks that need to open
-files (missing file, bad HDU, grids) happen in :mod:`pipeline.tile` on the worker, so one bad
-tile becomes one failed tile and never stops the release.
+Structural checks happen here (safe ids and band names, known bands, duplicate ids, HDU
+references). Checks that need to open files (missing file, bad HDU, grids, pixels) happen in
+:mod:`pipeline.tile` on the worker. Either way one bad tile becomes one failed tile, reported
+with tile, file and reason, and never stops the rest of the release.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,13 +20,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ManifestError
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_NAME_LENGTH = 100  # a tile id or band name becomes a file name: keep it far below NAME_MAX
 HduRef = Union[int, str]
+
+
+class ManifestWarning(UserWarning):
+    """Something in the manifest was ignored (e.g. an unknown top-level key)."""
 
 
 def check_safe_name(value: str, what: str) -> str:
     """Reject names that could write outside the output directory (``/``, ``..``, odd characters)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} must be a string (quote it in YAML)")
     if not SAFE_ID.match(value) or value in (".", "..") or ".." in value:
-        raise ValueError(f"{what} {value!r} is not allowed: use only [A-Za-z0-9._-] and no '..'")
+        raise ValueError(f"{what} {value!r} is not allowed: it would be used as a path; "
+                         "use only [A-Za-z0-9._-] and no '..'")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} {value[:20]!r}... is {len(value)} characters long (at most {MAX_NAME_LENGTH})")
+    return value
+
+
+def _check_hdu(value: HduRef | None, what: str) -> HduRef | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, float)) or (isinstance(value, int) and value < 0):
+        raise ValueError(f"{what} HDU {value!r} is not valid: give a 0-based index >= 0 or an EXTNAME")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{what} HDU is an empty EXTNAME")
     return value
 
 
@@ -32,13 +54,18 @@ class BandFile(BaseModel):
     """Where one band of one tile lives: a FITS file and the HDUs of image, weight and mask."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str
+    path: str = Field(min_length=1)
     image: HduRef = 0
     weight: HduRef | None = None
     mask: HduRef | None = None
-    weight_path: str | None = Field(None, description="separate file for the weight plane")
-    mask_path: str | None = Field(None, description="separate file for the mask plane")
-    zeropoint: float | None = Field(None, description="AB mag of one image unit; overrides MAGZERO")
+    weight_path: str | None = Field(None, min_length=1, description="separate file for the weight plane")
+    mask_path: str | None = Field(None, min_length=1, description="separate file for the mask plane")
+    zeropoint: float | None = Field(None, allow_inf_nan=False, description="AB mag of one image unit; overrides MAGZERO")
+
+    @field_validator("image", "weight", "mask", mode="before")
+    @classmethod
+    def _hdu(cls, v: Any, info) -> Any:
+        return _check_hdu(v, info.field_name)
 
 
 class InnerRegion(BaseModel):
@@ -68,30 +95,36 @@ class TileSpec(BaseModel):
     files: dict[str, BandFile]
     inner: InnerRegion | None = None
 
-    @field_validator("id")
+    @field_validator("id", mode="before")
     @classmethod
-    def _safe_id(cls, v: str) -> str:
+    def _safe_id(cls, v: Any) -> str:
         return check_safe_name(v, "tile id")
 
-    @field_validator("files")
+    @field_validator("files", mode="before")
     @classmethod
-    def _bands(cls, v: dict[str, BandFile]) -> dict[str, BandFile]:
-        if not v:
-            raise ValueError("tile lists no band files")
+    def _bands(cls, v: Any) -> Any:
+        if not isinstance(v, dict) or not v:
+            raise ValueError("tile lists no band files (need a mapping band -> {path: ...})")
         for band in v:
             check_safe_name(band, "band name")
         return v
 
 
 class TileProblem(BaseModel):
-    """A tile entry rejected while reading the manifest; it is reported as a failed tile."""
+    """A tile entry rejected while reading the manifest; it is reported as a failed tile.
+
+    ``tile`` is always a safe name (it keys the failure record on disk); ``label`` is the id
+    as written in the manifest, which may be unsafe and is only ever printed.
+    """
 
     tile: str
+    label: str | None = None
     file: str | None = None
     reason: str
 
     def message(self) -> str:
-        return f"tile {self.tile!r}" + (f", file {self.file!r}" if self.file else "") + f": {self.reason}"
+        name = self.tile if self.label is None else self.label
+        return f"tile {name!r}" + (f", file {self.file!r}" if self.file else "") + f": {self.reason}"
 
 
 class Manifest(BaseModel):
@@ -116,50 +149,104 @@ class Manifest(BaseModel):
         return p if p.is_absolute() else Path(self.root) / p
 
 
+def _raw_id(entry: Any, i: int) -> str:
+    if isinstance(entry, dict) and "id" in entry:
+        return str(entry["id"])
+    return f"#{i}"
+
+
+def _problem_key(raw: str, i: int) -> str:
+    """A safe, unique name for the failure record of an entry whose id may be unsafe."""
+    try:
+        return check_safe_name(raw, "tile id")
+    except ValueError:
+        return f"manifest-entry-{i:05d}"
+
+
+def _entry_files(entry: Any) -> list[str]:
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(files, dict):
+        return []
+    return [str(v.get("path")) for v in files.values() if isinstance(v, dict) and v.get("path")]
+
+
 def load_manifest(path: str | Path) -> Manifest:
-    """Read and check a manifest; bad tile entries go to ``problems``, good ones to ``tiles``."""
+    """Read and check a manifest; bad tile entries go to ``problems``, good ones to ``tiles``.
+
+    Raises :class:`ManifestError` only when the manifest as a whole is unusable (unreadable,
+    not YAML/JSON, no or unsafe ``bands``, no ``tiles``).
+    """
     path = Path(path)
+    where = f"manifest {str(path)!r}"
     try:
         raw_bytes = path.read_bytes()
     except OSError as exc:
-        raise ManifestError(f"manifest {str(path)!r}: cannot read ({exc.strerror or exc})") from exc
+        raise ManifestError(f"{where}: cannot read ({exc.strerror or exc})") from exc
     try:
         raw = yaml.safe_load(raw_bytes) if path.suffix != ".json" else json.loads(raw_bytes)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"manifest {str(path)!r}: not valid YAML/JSON ({exc})") from exc
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{where}: not valid YAML/JSON ({exc})") from exc
     if not isinstance(raw, dict) or "tiles" not in raw or "bands" not in raw:
-        raise ManifestError(f"manifest {str(path)!r}: needs the keys 'name', 'bands' and 'tiles'")
+        raise ManifestError(f"{where}: needs the keys 'bands' and 'tiles' (and usually 'name')")
+    unknown_keys = sorted(map(str, set(raw) - {"name", "bands", "tiles"}))
+    if unknown_keys:
+        warnings.warn(f"{where}: ignoring unknown top-level key(s) {unknown_keys} (known: name, bands, tiles)",
+                      ManifestWarning, stacklevel=2)
     bands = raw.get("bands") or []
     if not isinstance(bands, list) or not bands:
-        raise ManifestError(f"manifest {str(path)!r}: 'bands' must be a non-empty list")
+        raise ManifestError(f"{where}: 'bands' must be a non-empty list")
     for b in bands:
         try:
-            check_safe_name(str(b), "band name")
+            check_safe_name(b, "band name")
         except ValueError as exc:
-            raise ManifestError(f"manifest {str(path)!r}: {exc}") from exc
+            raise ManifestError(f"{where}: {exc}") from exc
+    if len(set(bands)) != len(bands):
+        raise ManifestError(f"{where}: 'bands' lists a band twice: {bands}")
+    entries = raw.get("tiles")
+    if not isinstance(entries, list) or not entries:
+        raise ManifestError(f"{where}: 'tiles' must be a non-empty list of tile entries")
+
+    # an id given to two entries is ambiguous: which one is meant cannot be known, so neither
+    # is processed (and the objectIds, derived from the tile id, would collide)
+    by_id: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        by_id.setdefault(_raw_id(entry, i), []).append(i)
+    duplicated = {tid: idx for tid, idx in by_id.items() if len(idx) > 1 and not tid.startswith("#")}
+
     good: list[TileSpec] = []
     problems: list[TileProblem] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(raw.get("tiles") or []):
-        tid = str(entry.get("id", f"#{i}")) if isinstance(entry, dict) else f"#{i}"
+    for tid, idx in duplicated.items():
+        files = [f for i in idx for f in _entry_files(entries[i])]
+        problems.append(TileProblem(
+            tile=_problem_key(tid, idx[0]), label=tid, file=str(path),
+            reason=(f"duplicate tile id: entries {[i + 1 for i in idx]} of the manifest share it "
+                    f"(their files: {files}); none of them is processed: give each tile its own id")))
+    for i, entry in enumerate(entries):
+        tid = _raw_id(entry, i)
+        if tid in duplicated:
+            continue
+        key = _problem_key(tid, i)
+        if not isinstance(entry, dict):
+            problems.append(TileProblem(tile=key, label=tid, file=str(path),
+                                        reason=f"tile entry {i + 1} is not a mapping (got {type(entry).__name__})"))
+            continue
         try:
             spec = TileSpec.model_validate(entry)
         except ValidationError as exc:
-            reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            problems.append(TileProblem(tile=tid, reason=f"invalid tile entry ({reasons})"))
+            reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg'].removeprefix('Value error, ')}"
+                                for e in exc.errors())
+            problems.append(TileProblem(tile=key, label=tid, file=str(path),
+                                        reason=f"invalid tile entry {i + 1} of the manifest ({reasons})"))
             continue
         unknown = [b for b in spec.files if b not in bands]
         if unknown:
             f = spec.files[unknown[0]].path
-            problems.append(TileProblem(tile=spec.id, file=f, reason=f"unknown band {unknown[0]!r} (release bands: {bands})"))
+            f = f if Path(f).is_absolute() else str(path.parent.resolve() / f)
+            problems.append(TileProblem(tile=spec.id, label=spec.id, file=f,
+                                        reason=f"unknown band(s) {unknown} (release bands: {bands}; fix the "
+                                               f"tile's files or the manifest's 'bands')"))
             continue
-        if spec.id in seen:
-            problems.append(TileProblem(tile=spec.id, reason="duplicate tile id: the first entry is processed, this one is not"))
-            continue
-        seen.add(spec.id)
         good.append(spec)
-    if not good and not problems:
-        raise ManifestError(f"manifest {str(path)!r}: lists no tiles")
     return Manifest(
         name=str(raw.get("name", path.stem)),
         bands=[str(b) for b in bands],
