@@ -45,8 +45,10 @@ def _cluster_options(f):
     f = click.option("--scheduler", default=None, help="address of an existing Dask scheduler to use instead")(f)
     f = click.option("--jobqueue-config", type=click.Path(dir_okay=False), default=None,
                      help="SLURM: user jobqueue YAML layered over the package defaults")(f)
-    f = click.option("--min-jobs", type=int, default=1, show_default=True, help="SLURM: adaptive minimum jobs")(f)
-    f = click.option("--max-jobs", type=int, default=None, help="SLURM: adaptive maximum jobs (default: --workers)")(f)
+    f = click.option("--min-jobs", type=int, default=None, help="SLURM: adaptive minimum jobs (default: jobqueue YAML)")(f)
+    f = click.option("--max-jobs", type=int, default=None, help="SLURM: adaptive maximum jobs (default: jobqueue YAML)")(f)
+    f = click.option("--gpu-jobs", type=int, default=0, show_default=True,
+                     help="SLURM: extra GPU worker jobs (--gres=gpu:1, resource GPU=1) for the ONNX stages")(f)
     f = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="pipeline config YAML (stages, per-stage settings)")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="STAGE.FIELD=VALUE", help="override a stage setting")(f)
@@ -57,27 +59,34 @@ def _cluster_options(f):
 
 
 def _open_client(cluster: str, workers: int | None, scheduler: str | None, jobqueue_config: str | None,
-                 min_jobs: int, max_jobs: int | None, gpu: bool = False):
+                 min_jobs: int | None, max_jobs: int | None, gpu_jobs: int = 0, out: str | None = None):
+    """A client on an existing scheduler, a SLURMCluster (adaptive, plus GPU jobs), or a LocalCluster."""
     from distributed import Client
 
     from .cluster import connect, local_cluster
 
     if scheduler:
-        return Client(scheduler), None
+        return Client(scheduler), []
     if cluster == "slurm":
         from . import slurm
 
-        settings = slurm.slurm_settings(jobqueue_config, {})
-        c = slurm.make_slurm_cluster(settings, gpu=gpu)
-        slurm.start_adaptive(c, min_jobs, max_jobs or workers or min_jobs)
-        return connect(c), c
+        over = {"min_jobs": min_jobs, "max_jobs": max_jobs if max_jobs is not None else workers}
+        settings = slurm.slurm_settings(jobqueue_config, over)
+        if out and not settings["slurm"].get("log_directory"):  # keep worker logs with the run
+            settings = slurm.slurm_settings(jobqueue_config, {**over, "log_directory": str(Path(out) / "logs" / "slurm")})
+        c = slurm.make_slurm_cluster(settings)
+        slurm.start_adaptive(c, settings["adapt"]["minimum_jobs"], settings["adapt"]["maximum_jobs"])
+        owned = [c]
+        if gpu_jobs:
+            owned.insert(0, slurm.add_gpu_workers(c, settings, gpu_jobs))
+        return connect(c), owned
     c = local_cluster(workers)
-    return connect(c), c
+    return connect(c), [c]
 
 
 def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=None, force=False, workers=None,
-         cluster="local", scheduler=None, jobqueue_config=None, min_jobs=1, max_jobs=None, config_path=None,
-         overrides=(), no_progress=False, targets=None, device=None) -> int:
+         cluster="local", scheduler=None, jobqueue_config=None, min_jobs=None, max_jobs=None, config_path=None,
+         overrides=(), no_progress=False, targets=None, device=None, gpu_jobs=0) -> int:
     from .config import load_config
     from .execute import run_release
     from .manifest import load_manifest
@@ -89,7 +98,7 @@ def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=Non
 
     Dag(stages).needed_for(config.targets)
     config.stage_configs(stages)
-    client, c = _open_client(cluster, workers, scheduler, jobqueue_config, min_jobs, max_jobs)
+    client, owned = _open_client(cluster, workers, scheduler, jobqueue_config, min_jobs, max_jobs, gpu_jobs, out)
     try:
         click.echo(f"release {manifest.name!r}: {len(manifest.tiles)} tiles, bands {manifest.bands}; "
                    f"dashboard {client.dashboard_link}", err=True)
@@ -97,7 +106,7 @@ def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=Non
                               force=force, progress=not no_progress)
     finally:
         client.close()
-        if c is not None:
+        for c in owned:
             c.close()
     click.echo(summary.text())
     return summary.exit_code
@@ -113,7 +122,7 @@ def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=Non
 @click.option("--dry-run", is_flag=True, help="SLURM: print the generated job script and exit")
 @_cluster_options
 def run(manifest, out, tiles, shard, targets, force, dry_run, workers, cluster, scheduler, jobqueue_config,
-        min_jobs, max_jobs, config_path, overrides, no_progress, device):
+        min_jobs, max_jobs, gpu_jobs, config_path, overrides, no_progress, device):
     """Process a data release (resumes: complete tiles are skipped).
 
     Exit code 0: every tile done; 1: some tiles failed; 3: no tile done.
@@ -121,13 +130,19 @@ def run(manifest, out, tiles, shard, targets, force, dry_run, workers, cluster, 
     if dry_run:
         from . import slurm
 
-        click.echo(slurm.job_script(slurm.slurm_settings(jobqueue_config, {})))
+        try:
+            settings = slurm.slurm_settings(jobqueue_config, {"min_jobs": min_jobs, "max_jobs": max_jobs})
+        except SurveypipeError as exc:
+            _fail(exc)
+        click.echo(slurm.job_script(settings))
+        if gpu_jobs:
+            click.echo(slurm.job_script(settings, gpu=True))
         return
     try:
         code = _run(manifest, out, tiles=list(tiles) or None, shard=_parse_shard(shard), force=force,
                     workers=workers, cluster=cluster, scheduler=scheduler, jobqueue_config=jobqueue_config,
                     min_jobs=min_jobs, max_jobs=max_jobs, config_path=config_path, overrides=overrides,
-                    no_progress=no_progress, targets=list(targets) or None, device=device)
+                    no_progress=no_progress, targets=list(targets) or None, device=device, gpu_jobs=gpu_jobs)
     except (SurveypipeError, KeyError, ValueError) as exc:
         _fail(exc)
     sys.exit(code)
@@ -140,13 +155,13 @@ def run(manifest, out, tiles, shard, targets, force, dry_run, workers, cluster, 
 @click.option("--from", "from_stage", default=None, help="rerun from this stage; upstream products are reused")
 @_cluster_options
 def rerun(manifest, out, tiles, from_stage, workers, cluster, scheduler, jobqueue_config, min_jobs, max_jobs,
-          config_path, overrides, no_progress, device):
+          gpu_jobs, config_path, overrides, no_progress, device):
     """Recompute single tiles (all stages, or from STAGE on), leaving other tiles untouched."""
     try:
         code = _run(manifest, out, tiles=list(tiles), from_stage=from_stage, force=from_stage is None,
                     workers=workers or 1, cluster=cluster, scheduler=scheduler, jobqueue_config=jobqueue_config,
                     min_jobs=min_jobs, max_jobs=max_jobs, config_path=config_path, overrides=overrides,
-                    no_progress=no_progress, device=device)
+                    no_progress=no_progress, device=device, gpu_jobs=gpu_jobs)
     except (SurveypipeError, KeyError, ValueError) as exc:
         _fail(exc)
     sys.exit(code)

@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,6 +40,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_write_attrs(meta: Path, attrs: dict[str, Any]) -> None:
+    """Merge attributes into a group's zarr.json with one atomic replace (readers never see it torn)."""
+    doc = json.loads(meta.read_text())
+    doc.setdefault("attributes", {}).update(_jsonable(attrs))
+    _atomic_write_text(meta, json.dumps(doc, indent=2))
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    return _exchange(a, b)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -67,11 +79,20 @@ class CatalogStore:
     # ---------------------------------------------------------------- release level
     def init(self, attrs: dict[str, Any]) -> None:
         """Create the store (idempotent) and record release-level attributes."""
+        from zarr.errors import ContainsGroupError
+
         self.out.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(LocalStore(self.path), mode="a", zarr_format=3)
-        root.attrs.update(attrs)
-        if "tiles" not in root:
-            root.create_group("tiles")
+        for attempt in range(20):  # job-array shards may create a new store at the same moment
+            try:
+                root = zarr.open_group(LocalStore(self.path), mode="a", zarr_format=3)
+                root.require_group("tiles")
+                break
+            except (ContainsGroupError, FileExistsError, json.JSONDecodeError):
+                time.sleep(0.05 * (attempt + 1))
+        else:
+            raise OSError(f"cannot create the store {self.path} (another process keeps racing for it)")
+        if attrs:
+            _atomic_write_attrs(self.path / "zarr.json", attrs)
         self.staging.mkdir(exist_ok=True)
         self.status_dir.mkdir(exist_ok=True)
 
