@@ -103,11 +103,19 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 if s.name in must_run and not overrides_must_run:
                     continue
                 prev = attrs.get("stages", {}).get(s.name, {})
-                if prev.get("key") == key and all(p in attrs.get("products", []) for p in s.provides):
+                kept = [p for p in s.provides if p not in s.transient]
+                if prev.get("key") == key and all(p in attrs.get("products", []) for p in kept):
                     reuse[s.name] = where
                     break
+        # a reused stage whose transient product a running stage needs must run again (to a fix-point)
+        while True:
+            needed_inputs = {r for s in plan if not reuse[s.name] for r in dag.inputs(s)}
+            redo = [s for s in plan if reuse[s.name] and any(p in needed_inputs for p in s.transient)]
+            if not redo:
+                break
+            for s in redo:
+                reuse[s.name] = None
         prev_records = {w: a.get("stages", {}) for w, a, _ in sources}
-        needed_inputs = {r for s in plan if not reuse[s.name] for r in dag.inputs(s)}
         for s in plan:
             if reuse[s.name]:
                 for p in s.provides:

@@ -1,0 +1,122 @@
+"""Photometry stage: fluxes and errors against truth, flags, neighbours, noise-only calibration."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.stage import ImageSet
+from pipeline.table import Table
+from stages import Photometry
+from stages.artefacts import ARTEFACT_BITS
+from stages.flags import OBJECT_FLAGS
+from test_stage_detection import grid_sources, nearest, run_stages, synthetic_tile
+
+
+def test_isolated_point_sources_positions_and_fluxes_against_truth():
+    src = grid_sources(4, 128, 5000.0, seed=110)
+    p = run_stages(synthetic_tile(src, seed=111))
+    o = p["objects"]
+    x, y = np.array([s["x"] for s in src]), np.array([s["y"] for s in src])
+    d, k = nearest(o["x"], o["y"], x, y)
+    assert len(o) == len(src) and np.all(d < 0.1)
+    corr = o.attrs["apcorr"]
+    for b in "gri":
+        for col, c in (("psfFlux", 1.0), ("ap06Flux", corr[b]["ap06"]), ("ap12Flux", corr[b]["ap12"]), ("kronFlux", 1.0)):
+            f = o[f"{b}_{col}"][k] * c
+            e = o[f"{b}_{col}Err"][k] * c
+            pull = (f - 5000.0) / e
+            assert np.all(np.abs(pull) < 4.5), (b, col, pull)
+            assert abs(np.median(pull)) < 1.2, (b, col, np.median(pull))
+    assert np.all(o["refExtendedness"] == 0), "point sources"
+    # sky positions from the WCS
+    ra, dec = p["exposure"].wcs().all_pix2world(o["x"], o["y"], 0)
+    assert np.allclose(o["coord_ra"], ra) and np.allclose(o["coord_dec"], dec)
+    assert o.info["g_psfFlux"].unit == "nJy" and o.info["coord_ra"].unit == "deg"
+    assert o["g_psfFlux"].dtype == np.float32
+
+
+def test_saturated_star_flagged_and_its_neighbour_not():
+    src = [{"x": 50.2, "y": 60.7, "flux": 3e6}, {"x": 100.3, "y": 30.1, "flux": 8000.0}]
+    o = run_stages(synthetic_tile(src, saturate=20000.0, seed=112))["objects"]
+    d, k = nearest(o["x"], o["y"], np.array([50.2, 100.3]), np.array([60.7, 30.1]))
+    f = np.asarray(o["flags"])
+    assert d[0] < 0.3, "the saturated star is one object at its position, not a ring of fragments"
+    assert f[k[0]] & OBJECT_FLAGS["saturated"]
+    assert not f[k[1]] & OBJECT_FLAGS["saturated"]
+    # its masked core is filled by its PSF model fitted to the wings: a total flux within a few %
+    assert abs(o["r_psfFlux"][k[0]] / 3e6 - 1) < 0.05
+
+
+def test_masked_pixels_in_aperture_flagged_and_filled():
+    size = 128
+    bad = np.zeros((size, size), bool)
+    bad[:, 64] = True
+    src = [{"x": 62.6, "y": 60.2, "flux": 20000.0}, {"x": 20.2, "y": 100.4, "flux": 20000.0}]
+    o = run_stages(synthetic_tile(src, bad=bad, seed=113))["objects"]
+    d, k = nearest(o["x"], o["y"], np.array([62.6, 20.2]), np.array([60.2, 100.4]))
+    f = np.asarray(o["flags"])
+    assert f[k[0]] & OBJECT_FLAGS["masked_pixels"] and not f[k[1]] & OBJECT_FLAGS["masked_pixels"]
+    # the masked column through the star is filled with its model: flux not biased low
+    for b in "gri":
+        assert abs(o[f"{b}_ap06Flux"][k[0]] / o[f"{b}_ap06Flux"][k[1]] - 1) < 0.03
+
+
+def test_artefact_classes_touching_an_aperture_become_flag_bits():
+    size = 128
+    art = {b: np.zeros((size, size), np.uint16) for b in "gri"}
+    art["r"][40, 44] = ARTEFACT_BITS["hot_pixel"]                      # 3 px from the first star
+    art["i"][40:42, 30:60] = ARTEFACT_BITS["satellite_trail"]         # across it
+    src = [{"x": 41.3, "y": 40.2, "flux": 20000.0}, {"x": 100.3, "y": 100.6, "flux": 20000.0}]
+    masks = ImageSet(art, {"bits": ARTEFACT_BITS.as_attrs()})
+    o = run_stages(synthetic_tile(src, seed=114), artefacts=masks)["objects"]
+    d, k = nearest(o["x"], o["y"], np.array([41.3, 100.3]), np.array([40.2, 100.6]))
+    f = np.asarray(o["flags"])
+    assert f[k[0]] & OBJECT_FLAGS["artefact_hot_pixel"] and f[k[0]] & OBJECT_FLAGS["artefact_satellite_trail"]
+    assert not f[k[0]] & OBJECT_FLAGS["artefact_cosmic_ray"]
+    assert not f[k[1]] & (OBJECT_FLAGS["artefact_hot_pixel"] | OBJECT_FLAGS["artefact_satellite_trail"])
+
+
+def test_bright_neighbour_does_not_bias_a_faint_source():
+    src = [{"x": 60.2, "y": 64.3, "flux": 400000.0}, {"x": 74.7, "y": 64.6, "flux": 3000.0}]
+    tile = synthetic_tile(src, noise=3.0, seed=115)
+    out = {}
+    for nm in (True, False):
+        o = run_stages(tile, configs={"photometry": {"neighbour_models": nm}})["objects"]
+        d, k = nearest(o["x"], o["y"], np.array([74.7]), np.array([64.6]))
+        assert d[0] < 0.3
+        c = o.attrs["apcorr"]["r"]["ap06"]
+        out[nm] = ((o["r_ap06Flux"][k[0]] * c - 3000.0) / (o["r_ap06FluxErr"][k[0]] * c),
+                   (o["r_psfFlux"][k[0]] - 3000.0) / o["r_psfFluxErr"][k[0]])
+    assert abs(out[True][0]) < 3 and abs(out[True][1]) < 3, out[True]
+    assert out[False][0] > 5, "without neighbour models the bright star's wings leak in (the control)"
+
+
+def test_error_calibration_on_pure_noise():
+    """Forced photometry at random places on pure noise: |f / sigma| < 1 for ~68 %."""
+    size = 512
+    tile = synthetic_tile([], size=size, noise=5.0, seed=116)
+    p = run_stages(tile, upto="detection")
+    rng = np.random.default_rng(117)
+    g = np.arange(24, size - 24, 32, dtype=np.float64)  # isolated places (no neighbour within 32 pixels)
+    x, y = (v.ravel() + rng.uniform(-0.5, 0.5, v.size) for v in np.meshgrid(g, g))
+    n = x.size
+    det = Table()
+    det.add("objectId", np.arange(1, n + 1, dtype=np.int64))
+    det.add("parentObjectId", np.zeros(n, np.int64))
+    det.add("deblend_nChild", np.zeros(n, np.int32))
+    det.add("footprintId", np.zeros(n, np.int32))
+    det.add("x", x)
+    det.add("y", y)
+    det.add("a", np.full(n, 2.5, np.float32))
+    det.add("b", np.full(n, 2.5, np.float32))
+    det.add("theta", np.zeros(n, np.float32))
+    det.add("npix", np.zeros(n, np.int32))
+    det.add("detect_peakSnr", np.full(n, 5.0, np.float32))
+    det.add("detect_isDeblendedSource", np.ones(n, bool))
+    det.add("detect_flags", np.zeros(n, np.uint32))
+    inputs = {**p, "deblended": det, "deblend_segmentation": ImageSet({"owner": np.zeros((size, size), np.int32)})}
+    o = Photometry().run({r: inputs[r] for r in Photometry.requires}, Photometry.Config())["objects"]
+    for col in ("ap03", "ap06", "ap12", "psf", "kron"):
+        z = np.concatenate([o[f"{b}_{col}Flux"] / o[f"{b}_{col}FluxErr"] for b in "gri"])
+        frac = np.mean(np.abs(z) < 1)
+        assert 0.60 < frac < 0.76, (col, frac)
+        assert abs(np.median(z)) < 0.25, (col, np.median(z))
