@@ -1,0 +1,172 @@
+"""Photo-z training: a tiny ensemble recovers a known colour-redshift relation; ONNX == torch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workflows import photoz_data as pzd
+
+pytestmark = pytest.mark.training
+BANDS = "griz"
+
+
+def synthetic_catalog(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Galaxies whose colours are known smooth functions of z (one template), 2 % + sky noise."""
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(0.05, 2.0, n)
+    mi = rng.uniform(20.0, 23.5, n)
+    mags = {"i": mi, "r": mi + 0.2 + 0.5 * z}
+    mags["g"] = mags["r"] + 0.3 + 0.9 * np.sin(1.2 * z)
+    mags["z"] = mi - 0.1 - 0.3 * z**2
+    cols: dict[str, np.ndarray] = {"object_id": np.arange(n, dtype=np.int64) + 1000, "zspec": z}
+    for b in BANDS:
+        f = 10 ** (-0.4 * (mags[b] - 31.4))
+        e = 0.02 * f + 30.0
+        cols[f"{b}_mag"] = -2.5 * np.log10(np.abs(f + rng.normal(0, 1, n) * e)) + 31.4
+        cols[f"{b}_magerr"] = pzd.POGSON * e / f
+    cols["g_mag"][:25] = 99.0       # some coded non-detections with a limit in the error column
+    cols["g_magerr"][:25] = 26.0
+    return cols
+
+
+MAPPING = {"id": "object_id", "redshift": "zspec", "nondetection": {"mag": 99.0},
+           "bands": {b: {"mag": f"{b}_mag", "err": f"{b}_magerr"} for b in BANDS}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import yaml
+
+    from workflows.train import photoz as tp
+
+    d = tmp_path_factory.mktemp("photoz")
+    cat = pzd.write_table(d / "train.fits", synthetic_catalog(2400, 101))
+    hold = pzd.write_table(d / "hold.parquet", synthetic_catalog(600, 102))
+    (d / "mapping.yaml").write_text(yaml.safe_dump(MAPPING))
+    rc = tp.main(["--catalog", str(cat), "--mapping", str(d / "mapping.yaml"), "--out", str(d / "model"),
+                  "--val-catalog", str(hold), "--epochs", "25", "--members", "2", "--components", "3",
+                  "--hidden", "32,32", "--batch", "256", "--lr", "3e-3", "--seed", "7",
+                  "--throughput-n", "1000"])
+    assert rc == 0
+    return d
+
+
+def test_tiny_training_recovers_the_colour_redshift_relation(trained):
+    card = json.loads((trained / "model" / "card.json").read_text())
+    m = card["metrics"]
+    assert m["n_holdout"] == 600
+    assert m["sigma_nmad"] < 0.04 and abs(m["bias"]) < 0.01 and m["outlier_frac_015"] < 0.03, m
+    assert 0.5 < m["coverage_68"] < 0.85 and m["coverage_95"] > 0.85, m
+
+
+def test_card_has_what_users_need(trained):
+    from pipeline.modelcard import load_card
+
+    card = load_card(trained / "model")  # verifies the sha256
+    assert card.bands == list(BANDS) and card.name == "photoz"
+    assert card.z_grid["n"] == len(card.z_grid["centres"]) == 200 and card.z_grid["dz"] == 0.02
+    assert len(card.normalisation["feature_mean"]) == len(card.normalisation["features"]) == 4 * len(BANDS) - 1
+    assert card.training["seed"] == 7 and card.training["n_train"] + card.training["n_validation_split"] == 2400
+    assert card.training["mapping"]["redshift"] == "zspec"
+    assert card.metrics["onnx_vs_torch_max_abs_diff"] < 1e-5
+
+
+def test_onnx_matches_torch_on_fresh_inputs(trained):
+    from workflows.bench.photoz import load_torch
+    from workflows.train.onnx_export import max_abs_diff_onnx_torch
+
+    model = load_torch(trained / "model")
+    rng = np.random.default_rng(12345)
+    x = rng.normal(0, 1.5, (300, 4 * len(BANDS) - 1)).astype(np.float32)
+    x[:, -len(BANDS):] = rng.random((300, len(BANDS))) < 0.2
+    assert max_abs_diff_onnx_torch(model, trained / "model" / "model.onnx", {"features": x}) < 1e-5
+
+
+def test_apply_cli_writes_every_column_with_ids(trained, capsys):
+    from workflows import photoz_apply
+
+    out = trained / "applied.parquet"
+    assert photoz_apply.main(["--model", str(trained / "model"), "--catalog", str(trained / "hold.parquet"),
+                              "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out)
+    names = t.column_names
+    assert names[0] == "object_id"
+    for c in ("photoz_median", "photoz_mode", "photoz_mean", "photoz_l68", "photoz_u68", "photoz_l95", "photoz_u95",
+              "photoz_odds", "photoz_pdf"):
+        assert c in names
+    pdf = np.stack(t.column("photoz_pdf").to_numpy(zero_copy_only=False))
+    meta = json.loads(t.schema.metadata[b"surveypipe.photoz"])
+    assert pdf.shape == (600, len(meta["z_grid"]))
+    np.testing.assert_allclose(pdf.sum(axis=1) * meta["dz"], 1.0, atol=1e-4)
+    z = pq.read_table(trained / "hold.parquet").column("zspec").to_numpy()
+    med = t.column("photoz_median").to_numpy()
+    assert np.median(np.abs(med - z) / (1 + z)) < 0.03
+
+
+def test_missing_column_refused_by_the_trainer(trained, capsys):
+    from workflows.train import photoz as tp
+
+    rc = tp.main(["--catalog", str(trained / "train.fits"), "--out", str(trained / "x"), "--redshift", "zspec",
+                  "--band", "g:mag:g_mag:g_magerr", "--band", "r:mag:r_mag:r_mag_err"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'r_mag_err'" in err and "train.fits" in err and "r_magerr" in err
+
+
+def test_stage_runs_a_user_trained_model_with_a_band_absent(trained):
+    from pipeline.table import Table
+    from stages.photoz import PhotoZ, PhotoZConfig
+
+    cat = synthetic_catalog(40, 103)
+    t = Table()
+    t.add("objectId", cat["object_id"])
+    for b in "gri":  # no z band in this "release"
+        f = 10 ** (-0.4 * (cat[f"{b}_mag"] - 31.4))
+        t.add(f"{b}_kronFlux", f)
+        t.add(f"{b}_kronFluxErr", f * cat[f"{b}_magerr"] / pzd.POGSON)
+    out = PhotoZ().run({"objects": t}, PhotoZConfig(model_dir=str(trained / "model")))["photoz"]
+    np.testing.assert_allclose(out["photoz_pdf"].sum(axis=1) * out.attrs["dz"], 1.0, atol=1e-4)
+    assert (out["photoz_nbands"][25:] == 3).all()
+    good = np.arange(25, 40)
+    assert np.median(np.abs(out["photoz_median"][good] - cat["zspec"][good]) / (1 + cat["zspec"][good])) < 0.15
+
+
+def test_bench_scores_model_and_baselines_side_by_side(trained, capsys):
+    import yaml
+
+    from workflows.bench import photoz as bench
+
+    (trained / "m.yaml").write_text(yaml.safe_dump(MAPPING))
+    out = trained / "bench"
+    assert bench.main(["--catalog", str(trained / "hold.parquet"), "--train-catalog", str(trained / "train.fits"),
+                       "--model", str(trained / "model"), "--mapping", str(trained / "m.yaml"), "--out", str(out),
+                       "--throughput-n", "1000"]) == 0
+    text = capsys.readouterr().out
+    for label in ("sigma_NMAD", "outliers |dz|>0.15", "sigma_IQR", "coverage 68 %", "PIT KS", "mean CRPS",
+                  "kNN", "random forest", "extra trees", "onnx_pdf", "torch_pdf", "goals:"):
+        assert label in text, label
+    res = json.loads((out / "photoz_bench.json").read_text())
+    assert len(res["results"]) == 4 and res["throughput"]["onnx_pdf"] > 0
+
+
+def test_crps_and_pit_of_a_known_gaussian():
+    from workflows.bench.photoz import crps, pit_values
+
+    dz = 0.01
+    grid = np.arange(0.005, 4.0, dz)
+    sig = 0.1
+    pdf = np.exp(-0.5 * ((grid - 1.0) / sig) ** 2)[None, :].repeat(3, axis=0)
+    pdf /= pdf.sum(axis=1, keepdims=True) * dz
+    zt = np.array([1.0, 1.1, 0.8])
+    # CRPS of N(mu, s) at y: s * (w (2 Phi(w) - 1) + 2 phi(w) - 1/sqrt(pi)), w = (y - mu)/s
+    from scipy.stats import norm
+
+    w = (zt - 1.0) / sig
+    want = sig * (w * (2 * norm.cdf(w) - 1) + 2 * norm.pdf(w) - 1 / np.sqrt(np.pi))
+    np.testing.assert_allclose(crps(pdf, grid, dz, zt), want, atol=2e-4)
+    np.testing.assert_allclose(pit_values(pdf, grid, dz, zt), norm.cdf(w), atol=2e-3)
