@@ -1,0 +1,249 @@
+"""Artefact segmentation: a lean ONNX U-Net that labels instrumental and environmental contaminants.
+
+Per band it writes one uint16 bit plane (``masks/artefacts``), a pixel may carry several bits:
+
+=====================  ===  ==========================================================
+class                  bit  meaning
+=====================  ===  ==========================================================
+cosmic_ray             0    charged-particle hit or track (sharp, not PSF-convolved)
+satellite_trail        1    satellite / airplane trail (straight, PSF-wide)
+hot_column             2    hot column or line (partial ones too)
+dead_column            3    dead (low-response) column or line
+hot_pixel              4    isolated hot pixel
+saturation             5    saturated core or bleed trail
+diffraction_spike      6    diffraction spike of a bright star
+=====================  ===  ==========================================================
+
+The model (``stages/models/artefacts``) takes a band image with its inverse-variance weight,
+normalised as its card says (arcsinh of the per-pixel S/N, log of the weight relative to the
+band's median, a bad-pixel plane), and returns per-class probabilities; the card's per-class
+thresholds (chosen on a validation set) make the bits. Any tile size is processed in
+overlapping patches whose borders (wider than the network's receptive field) are discarded, so
+the mask does not depend on the patch size: no seams.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.bits import Bit, BitRegistry
+from pipeline.stage import ImageSet, Stage, StageConfig
+
+ARTEFACT_BITS = BitRegistry("artefacts", [
+    Bit("cosmic_ray", 0, "cosmic-ray hit or track: sharp, unconvolved charge deposit"),
+    Bit("satellite_trail", 1, "satellite or airplane trail: straight, PSF-wide line across the tile"),
+    Bit("hot_column", 2, "hot column or line (also partial): raised level along a readout column/row"),
+    Bit("dead_column", 3, "dead column or line (also partial): pixels with little or no response"),
+    Bit("hot_pixel", 4, "isolated hot pixel"),
+    Bit("saturation", 5, "saturated star core or its bleed trail along the readout direction (columns)"),
+    Bit("diffraction_spike", 6, "diffraction spike of a bright star"),
+], dtype=np.uint16)
+
+ARTEFACT_CLASSES: tuple[str, ...] = tuple(ARTEFACT_BITS.bits)
+MODEL_DIR = Path(__file__).parent / "models" / "artefacts"
+STRIDE_DEFAULT = 16
+
+
+# ------------------------------------------------------------------ normalisation (the card's recipe)
+def normalise(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, norm: Mapping[str, Any]) -> np.ndarray:
+    """The network input of one band, ``(3, H, W)`` float32, as the model card's ``normalisation`` says.
+
+    Channel 0: ``asinh(image * sqrt(weight) / asinh_scale)`` (per-pixel S/N, stretched);
+    channel 1: ``log(weight / median(weight > 0))`` clipped to ``logw_clip`` (0 where bad; the median
+    of a regular subsample of at most ~250k good pixels);
+    channel 2: 1 where the pixel is bad (no data: zero weight, NaN, input mask), else 0.
+    Unit-free: the same for nJy or image units, for any depth.
+    """
+    if norm.get("recipe", "snr_asinh_logw_bad") != "snr_asinh_logw_bad":
+        raise ValueError(f"unknown normalisation recipe {norm.get('recipe')!r}")
+    img = np.asarray(image, np.float32)
+    w = np.asarray(weight, np.float32)
+    badm = ~(np.isfinite(img) & np.isfinite(w) & (w > 0))
+    if bad is not None:
+        badm |= np.asarray(bad, bool)
+    good = ~badm
+    out = np.zeros((3,) + img.shape, np.float32)
+    if good.any():
+        sw = np.sqrt(np.where(good, w, 0.0), dtype=np.float32)
+        snr = np.where(good, img, 0.0) * sw
+        np.arcsinh(snr / np.float32(norm.get("asinh_scale", 1.0)), out=out[0])
+        wg = w[good]
+        med = float(np.median(wg[:: max(1, wg.size // 250_000)]))  # a regular subsample is plenty
+        lo, hi = norm.get("logw_clip", (-5.0, 3.0))
+        with np.errstate(divide="ignore"):
+            lw = np.log(np.where(good, w, med) / med)
+        out[1] = np.clip(lw, lo, hi)
+        out[1][badm] = 0.0
+    out[2][badm] = 1.0
+    out[0][badm] = 0.0
+    return out
+
+
+# ------------------------------------------------------------------ patch-wise inference, seamless
+def windows(h: int, w: int, *, core: int, margin: int, stride: int = STRIDE_DEFAULT):
+    """Patches of a ``h`` x ``w`` image (already padded to the stride): yields
+    ``((ya, yb, xa, xb), (y0, y1, x0, x1))``, the window to run and the core of it to keep.
+
+    Cores of ``core`` px (a multiple of ``stride``) tile the image; each window adds ``margin`` px
+    (a multiple of ``stride``) on every side, clipped at the image. A side that fits in one window
+    (``<= core + 2 margin``) is not cut."""
+    if core % stride or margin % stride:
+        raise ValueError(f"core ({core}) and margin ({margin}) must be multiples of the stride {stride}")
+    cy = h if h <= core + 2 * margin else core
+    cx = w if w <= core + 2 * margin else core
+    for y0 in range(0, h, cy):
+        for x0 in range(0, w, cx):
+            y1, x1 = min(y0 + cy, h), min(x0 + cx, w)
+            yield ((max(y0 - margin, 0), min(y1 + margin, h), max(x0 - margin, 0), min(x1 + margin, w)),
+                   (y0, y1, x0, x1))
+
+
+def _padded(x: np.ndarray, stride: int) -> np.ndarray:
+    _, h, w = x.shape
+    hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
+    if (hp, wp) == (h, w):
+        return np.ascontiguousarray(x, np.float32)
+    xp = np.zeros((x.shape[0], hp, wp), np.float32)
+    xp[:, :h, :w] = x
+    return xp
+
+
+def predict_probabilities(fn: Any, x: np.ndarray, *, core: int = 2048, margin: int = 112, stride: int = STRIDE_DEFAULT,
+                          sink: Any = None) -> np.ndarray | None:
+    """Per-class probabilities ``(C, H, W)`` of ``fn`` (a callable ``(1, 3, h, w) -> (1, C, h, w)``).
+
+    The input is zero-padded (bottom, right) to a multiple of ``stride`` (the network's total
+    downsampling) and run in the overlapping windows of :func:`windows`; only each window's core
+    is kept. With ``margin`` at least the network's dependency radius every kept pixel sees exactly
+    what it sees in a whole-image pass, so the result does not depend on ``core``: no seams.
+    With ``sink(y0, y1, x0, x1, probs)`` the cores are handed over one by one instead (no full array).
+    """
+    _, h, w = x.shape
+    xp = _padded(x, stride)
+    probs = None
+    for (ya, yb, xa, xb), (y0, y1, x0, x1) in windows(xp.shape[1], xp.shape[2], core=core, margin=margin, stride=stride):
+        y1, x1 = min(y1, h), min(x1, w)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        res = np.asarray(fn(xp[None, :, ya:yb, xa:xb]))[0]
+        part = res[:, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+        if sink is not None:
+            sink(y0, y1, x0, x1, part)
+            continue
+        if probs is None:
+            probs = np.empty((res.shape[0], h, w), np.float32)
+        probs[:, y0:y1, x0:x1] = part
+    return probs
+
+
+# ------------------------------------------------------------------ the stage
+class ArtefactsConfig(StageConfig):
+    model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None = the shipped model")
+    patch: int = Field(2048, ge=64, description="core size (pixels, a multiple of the network stride) of the overlapping "
+                                               "patches; the margin comes from the card. Does not change the result, "
+                                               "only speed (larger: less overlap) and memory (~0.3 GB per MPix of window)")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per-class probability thresholds overriding "
+                                                                           "the card's (chosen on the validation set)")
+    probabilities: bool = Field(False, description="also store the per-class probability maps "
+                                                  "(masks/artefact_probability, uint8 = round(255 p))")
+    saturation_from_header: bool = Field(True, description="also set the saturation bit wherever the image reaches "
+                                                          "the header's SATURATE level (exact, cheap)")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="ONNX Runtime device")
+    threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads")
+
+
+@lru_cache(maxsize=8)
+def _card(model_dir: str) -> Any:
+    from pipeline.modelcard import load_card
+
+    return load_card(model_dir)
+
+
+class Artefacts(Stage):
+    """Segments artefacts per band with the ONNX U-Net; writes the uint16 bit mask of each band."""
+
+    name = "artefacts"
+    version = "1"
+    requires = ("exposure",)
+    provides = {
+        "masks/artefacts": "per-band uint16 artefact bit plane (attrs: bits = {class: bit index})",
+        "masks/artefact_probability": "per-band per-class probability maps '<band>_<class>' (uint8, p*255); "
+                                      "empty unless config.probabilities",
+    }
+    Config = ArtefactsConfig
+
+    def _dir(self, config: ArtefactsConfig) -> Path:
+        return Path(config.model_dir) if config.model_dir else MODEL_DIR
+
+    def model_files(self, config: ArtefactsConfig) -> list[Path]:
+        d = self._dir(config)
+        return [d / "model.onnx", d / "card.json"]
+
+    def run(self, inputs: Mapping[str, Any], config: ArtefactsConfig) -> dict[str, Any]:
+        from pipeline.onnx import session
+
+        tile = inputs["exposure"]
+        mdir = self._dir(config)
+        card = _card(str(mdir.resolve()))
+        if list(card.classes) != list(ARTEFACT_CLASSES):
+            raise ValueError(f"model {mdir} classes {card.classes} differ from the registry {list(ARTEFACT_CLASSES)}")
+        sess = session(card.onnx_path(mdir), device=config.device, threads=config.threads)
+        in_name = sess.get_inputs()[0].name
+        thr = {**card.thresholds, **config.thresholds}
+        unknown = set(config.thresholds) - set(ARTEFACT_CLASSES)
+        if unknown:
+            raise ValueError(f"thresholds for unknown classes {sorted(unknown)}")
+        geo = card.model_extra.get("inference", {}) if card.model_extra else {}
+        stride, margin = int(geo.get("stride", STRIDE_DEFAULT)), int(geo["margin"])
+        core = max(stride, (config.patch // stride) * stride)
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            return sess.run(None, {in_name: x})[0]
+
+        planes, probs = {}, {}
+        sat_k = ARTEFACT_CLASSES.index("saturation")
+        thr_v = np.array([thr[c] for c in ARTEFACT_CLASSES], np.float32)
+        bit_v = [np.uint16(ARTEFACT_BITS[c]) for c in ARTEFACT_CLASSES]
+        for band in tile.bands:
+            x = normalise(tile.image[band], tile.weight[band], tile.bad[band], card.normalisation)
+            shape = x.shape[1:]
+            mask = np.zeros(shape, np.uint16)
+            pq = np.zeros((len(ARTEFACT_CLASSES),) + shape, np.uint8) if config.probabilities else None
+            sat_hit = None
+            sat = tile.header.get(band, {}).get("SATURATE_NJY")
+            if config.saturation_from_header and sat:
+                sat_hit = (tile.image[band] >= np.float32(sat) * np.float32(1 - 1e-5)) & ~tile.bad[band]
+
+            def sink(y0: int, y1: int, x0: int, x1: int, p: np.ndarray) -> None:
+                m = mask[y0:y1, x0:x1]
+                for k in range(len(ARTEFACT_CLASSES)):
+                    m[p[k] >= thr_v[k]] |= bit_v[k]
+                if pq is not None:
+                    pq[:, y0:y1, x0:x1] = np.round(p * 255.0).astype(np.uint8)
+
+            predict_probabilities(fn, x, core=core, margin=margin, stride=stride, sink=sink)
+            del x
+            if sat_hit is not None:
+                mask[sat_hit] |= bit_v[sat_k]
+                if pq is not None:
+                    pq[sat_k][sat_hit] = 255
+            planes[band] = mask
+            if pq is not None:
+                for k, cls in enumerate(ARTEFACT_CLASSES):
+                    probs[f"{band}_{cls}"] = pq[k]
+        attrs = {"bits": ARTEFACT_BITS.as_attrs(), "descriptions": ARTEFACT_BITS.describe(),
+                 "model": card.name, "model_version": card.version, "model_sha256": card.sha256,
+                 "thresholds": {c: float(thr[c]) for c in ARTEFACT_CLASSES}}
+        prob_attrs = {"classes": list(ARTEFACT_CLASSES), "scale": 1.0 / 255.0, "requested": bool(config.probabilities),
+                      "plane_name": "<band>_<class>"}
+        return {"masks/artefacts": ImageSet(planes, attrs), "masks/artefact_probability": ImageSet(probs, prob_attrs)}
+
+
+def decode_mask(mask: np.ndarray, bits: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Boolean plane per class of a stored mask, using its ``bits`` attribute (default: this registry)."""
+    bits = dict(bits or ARTEFACT_BITS.as_attrs())
+    return {name: (np.asarray(mask) & np.uint16(1 << int(b))) != 0 for name, b in bits.items()}
