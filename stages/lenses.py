@@ -1,0 +1,155 @@
+"""Strong-lens candidates: a CNN lens score for every plausible deflector (ONNX, multi-band stamps).
+
+Plausible deflectors are selected on the measured photometry (all configurable): bright enough
+(Kron magnitude in ``mag_band`` at most ``max_mag``), red (Kron colour ``color_bands`` at least
+``min_color``) and extended (``refExtendedness`` at least ``min_extendedness`` when the objects
+table has that column; without it no extendedness cut is made, and the attrs say so). Their stamps
+come from the engine's cutout service with the bands, size and stretch of the model card; the
+network was trained on mock lenses (lenstronomy SIE + shear, :mod:`workflows.mock.lenses`)
+against ordinary deflector-like galaxies and hard negatives (blends, mergers, rings, spirals,
+edge-on disks, red stars).
+
+Per object (same rows and order as ``objects``): ``lens_score`` (probability of the lens class,
+mean over the model's fixed Monte-Carlo-dropout samples; a ranking score, not a calibrated
+probability for a survey where lenses are ~1e-3 of deflectors), ``lens_scoreErr`` (its standard
+deviation over the samples) and ``lens_flags`` (:data:`LENS_FLAGS`); objects that are not
+candidates get NaN and the ``not_candidate`` flag.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from pipeline.bits import Bit, BitRegistry
+from pipeline.errors import ConfigError
+from pipeline.modelcard import CARD_NAME
+from pipeline.stage import Stage, StageConfig
+from pipeline.table import Table
+
+from .morphology import check_tile, copy_stamp_flags, finite_positions, load_stamp_model, score_stamps
+
+SHIPPED_MODEL = Path(__file__).parent / "models" / "lenses"
+NJY_ZEROPOINT = 31.4
+
+LENS_FLAGS = BitRegistry("lens_flags", [
+    Bit("edge", 0, "the stamp extends beyond the tile (zero-padded there)"),
+    Bit("masked", 1, "many of the stamp's central pixels are masked (bad, saturated or artefact)"),
+    Bit("not_candidate", 2, "not scored: fails the deflector selection (magnitude, colour, extendedness)"),
+    Bit("missing_band", 3, "not scored: the tile lacks a band the model or the selection needs"),
+], dtype=np.uint16)
+
+
+class LensesConfig(StageConfig):
+    model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None: the shipped "
+                                                    "stages/models/lenses")
+    mag_band: str = Field("i", min_length=1, max_length=1, description="band of the magnitude cut")
+    max_mag: float = Field(23.0, description="deflector candidates: Kron AB magnitude in mag_band at most this")
+    color_bands: tuple[str, str] = Field(("g", "i"), description="colour (first - second, Kron AB) of the red cut")
+    min_color: float | None = Field(1.0, description="deflector candidates: colour at least this (None: no colour cut)")
+    min_extendedness: float | None = Field(0.5, ge=0, le=1, description="deflector candidates: refExtendedness at "
+                                                                        "least this when the column exists (None: no cut)")
+    max_masked_fraction: float = Field(0.1, ge=0, le=1, description="flag 'masked' when more than this fraction of "
+                                                                   "the pixels within S/4 of the stamp centre are masked")
+    on_missing_band: Literal["nan", "error"] = Field("nan", description="a tile without one of the model's bands: "
+                                                                         "NaN + missing_band flag, or a bad-input error")
+    batch: int = Field(256, gt=0, le=65536, description="stamps per ONNX Runtime call")
+    chunk: int = Field(4096, gt=0, description="objects whose stamps are cut at once (bounds memory)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device")
+
+    @field_validator("color_bands")
+    @classmethod
+    def _two_bands(cls, v: tuple[str, str]) -> tuple[str, str]:
+        if len(v) != 2 or v[0] == v[1]:
+            raise ValueError("color_bands must be two different bands")
+        return v
+
+
+def kron_mag(objects: Any, band: str) -> np.ndarray:
+    f = np.asarray(objects[f"{band}_kronFlux"], np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(f > 0, NJY_ZEROPOINT - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.inf)
+
+
+def deflector_candidates(objects: Any, config: LensesConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Boolean mask of plausible deflectors and a record of the cuts applied."""
+    n = len(objects)
+    need = {config.mag_band, *(config.color_bands if config.min_color is not None else ())}
+    missing = [b for b in sorted(need) if f"{b}_kronFlux" not in objects]
+    if missing:
+        return np.zeros(n, bool), {"missing_bands": missing}
+    mag = kron_mag(objects, config.mag_band)
+    sel = (mag <= config.max_mag) & finite_positions(objects)
+    used: dict[str, Any] = {"max_mag": config.max_mag, "mag_band": config.mag_band}
+    if config.min_color is not None:
+        b1, b2 = config.color_bands
+        with np.errstate(invalid="ignore"):
+            color = kron_mag(objects, b1) - kron_mag(objects, b2)
+        # a source undetected in the bluer band is as red as it gets
+        color = np.where(np.isinf(kron_mag(objects, b1)) & np.isfinite(kron_mag(objects, b2)), np.inf, color)
+        sel &= np.nan_to_num(color, nan=-np.inf) >= config.min_color
+        used.update({"color": f"{b1}-{b2}", "min_color": config.min_color})
+    if config.min_extendedness is not None:
+        if "refExtendedness" in objects:
+            ext = np.asarray(objects["refExtendedness"], np.float64)
+            sel &= np.nan_to_num(ext, nan=1.0) >= config.min_extendedness
+            used["min_extendedness"] = config.min_extendedness
+        else:
+            used["min_extendedness"] = "not applied: objects has no refExtendedness"
+    return sel, used
+
+
+class Lenses(Stage):
+    """Lens scores (+ MC-dropout uncertainty) for the plausible deflectors of a tile."""
+
+    name = "lenses"
+    version = "1"
+    requires = ("exposure", "sky", "objects")
+    provides = {"lenses": "strong-lens score per plausible deflector (CNN on multi-band stamps), with uncertainty"}
+    Config = LensesConfig
+    resources: Mapping[str, float] = {}
+
+    @staticmethod
+    def model_dir(config: LensesConfig) -> Path:
+        return Path(config.model_dir) if config.model_dir else SHIPPED_MODEL
+
+    def model_files(self, config: LensesConfig) -> list[Path]:
+        d = self.model_dir(config)
+        return [d / "model.onnx", d / CARD_NAME]
+
+    def run(self, inputs: Mapping[str, Any], config: LensesConfig) -> dict[str, Any]:
+        tile, objects = inputs["exposure"], inputs["objects"]
+        card, spec, sess = load_stamp_model(self.model_dir(config), config.device)
+        if "lens" not in card.classes:
+            raise ConfigError(f"model {card.name!r}: card classes {card.classes} have no 'lens' class")
+        k_lens = list(card.classes).index("lens")
+        n = len(objects)
+        score = np.full(n, np.nan, np.float32)
+        err = np.full(n, np.nan, np.float32)
+        flags = np.zeros(n, np.uint16)
+        has_bands = check_tile(spec, tile, config.on_missing_band)
+        cand, used = deflector_candidates(objects, config)
+        if not has_bands or used.get("missing_bands"):
+            flags[:] |= np.uint16(LENS_FLAGS["missing_band"])
+            cand[:] = False
+        flags[~cand] |= np.uint16(LENS_FLAGS["not_candidate"])
+        rows = np.flatnonzero(cand)
+        if rows.size:
+            p, s, sf = score_stamps(inputs, spec, sess, rows, batch=config.batch, chunk=config.chunk,
+                                    max_masked_fraction=config.max_masked_fraction)
+            score[rows], err[rows] = p[:, k_lens], s[:, k_lens]
+            flags[rows] |= copy_stamp_flags(sf, LENS_FLAGS)
+        t = Table()
+        ids = objects["objectId"] if "objectId" in objects else np.arange(n, dtype=np.int64)
+        t.add("objectId", np.asarray(ids), "", "unique object id in the release", "meta.id;meta.main")
+        t.add("lens_score", score, "", "strong-lens score of a plausible deflector (CNN probability of the lens class "
+              f"on {''.join(spec.bands)} stamps; NaN: not a candidate)", "stat.probability;src.class")
+        t.add("lens_scoreErr", err, "", "standard deviation of lens_score over the model's MC-dropout samples",
+              "stat.stdev;stat.probability")
+        t.add("lens_flags", flags, "", "lens flags (stages.lenses.LENS_FLAGS, bits in attrs)", "meta.code")
+        t.attrs.update({"lens_model": f"{card.name} v{card.version}", "lens_model_sha256": card.sha256,
+                        "lens_bands": list(spec.bands), "lens_stamp_size": spec.size, "lens_selection": used,
+                        "lens_n_candidates": int(rows.size), "lens_flag_bits": LENS_FLAGS.as_attrs()})
+        return {"lenses": t}
