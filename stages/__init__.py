@@ -2,9 +2,13 @@
 from .background import Background
 from .deblending import Deblending
 from .detection import Detection
+from .lenses import Lenses
+from .morphology import Morphology
 from .photometry import Photometry
+from .photoz import PhotoZ
 
 CLASSICAL_STAGES = [Background, Detection, Deblending, Photometry]
-DEFAULT_STAGES = [*CLASSICAL_STAGES]
+# the artefact stage joins (first) once its model is shipped: see issue 4
+DEFAULT_STAGES = [*CLASSICAL_STAGES, PhotoZ, Morphology, Lenses]
 
-__all__ = ["Background", "Detection", "Deblending", "Photometry", "CLASSICAL_STAGES", "DEFAULT_STAGES"]
+__all__ = ["Background", "Detection", "Deblending", "Photometry", "PhotoZ", "Morphology", "Lenses", "CLASSICAL_STAGES", "DEFAULT_STAGES"]

@@ -42,7 +42,7 @@ from pipeline.ids import object_ids
 from pipeline.stage import ImageSet, Stage, StageConfig
 from pipeline.table import Table
 
-from .detection import matched_snr
+from .detection import coadd_planes, matched_snr
 from .psf import FWHM_PER_SIGMA, header_fwhm_pix
 from .flags import OBJECT_FLAGS
 
@@ -135,6 +135,21 @@ def label_moments(weights: np.ndarray, labels: np.ndarray, n: int, xs: np.ndarra
     return mx, my, a, b, theta, npix, s0
 
 
+def point_matched_snr(num: np.ndarray, den: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
+    """The matched-filter S/N image of the detection stage, evaluated at integer points only."""
+    h, w = num.shape
+    r = int(np.ceil(3.5 * sigma))
+    g = np.arange(-r, r + 1)
+    k = np.exp(-(g[:, None] ** 2 + g[None, :] ** 2) / (2 * sigma * sigma))
+    k /= k.sum()
+    yy, xx = y[:, None, None] + g[None, :, None], x[:, None, None] + g[None, None, :]
+    on = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    idx = np.clip(yy, 0, h - 1) * w + np.clip(xx, 0, w - 1)
+    fnum = (k * np.where(on, num.ravel()[idx], 0)).sum(axis=(1, 2))
+    fden = (k * k * np.where(on, den.ravel()[idx], 0)).sum(axis=(1, 2))
+    return np.where(fden > 0, fnum / np.sqrt(np.maximum(fden, 1e-37)), 0.0).astype(np.float32)
+
+
 def local_maxima(img: np.ndarray, pix: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """(y, x) of the pixels of ``pix`` (flat indices) that are >= all 8 neighbours and >= ``floor``."""
     h, w = img.shape
@@ -190,7 +205,8 @@ def band_point_values(images: list[np.ndarray], weights: list[np.ndarray], x: np
     return vals, var
 
 
-def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple, q: tuple, sigma: float | list[float]):
+def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple, q: tuple, sigma: float | list[float],
+                      at_p: tuple | None = None, at_q: tuple | None = None):
     """Light at p in excess of the point mirrored through q: its S/N, the chi^2 p-value that its colour
     equals the colour at q (small = different colours, i.e. a different object), and its size relative
     to the surface brightness at q and to that at p (all bands summed), and the number of bands used."""
@@ -199,8 +215,8 @@ def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple
     images, weights = bands
     px, py = p
     qx, qy = q
-    vp, sp = band_point_values(images, weights, px, py, sigma)
-    vq, sq = band_point_values(images, weights, qx, qy, sigma)
+    vp, sp = at_p if at_p is not None else band_point_values(images, weights, px, py, sigma)
+    vq, sq = at_q if at_q is not None else band_point_values(images, weights, qx, qy, sigma)
     vm, sm = band_point_values(images, weights, 2 * qx - px, 2 * qy - py, sigma)  # p mirrored through q
     e, se = vp - vm, sp + sm            # p's own light: q's light at p removed by symmetry about q
     valid = np.isfinite(se) & np.isfinite(sq)
@@ -244,6 +260,7 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
     order = np.lexsort((-val, fid))
     px, py, val, fid = px[order], py[order], val[order], fid[order]
     alive = np.ones(px.size, bool)
+    peak_vals = None
     for _ in range(config.rounds):
         idx = np.flatnonzero(alive)
         i, j = _group_pairs(fid[idx])
@@ -260,7 +277,11 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
         bad = (dip < config.peak_dip_sigma) | (dip < config.peak_dip_frac * val[gi]) | (d < config.min_separation_pix)
         if bands is not None:
             t = np.flatnonzero(~bad)
-            exc, pval, rel, nb, local = excess_and_colour(bands[:2], (px[gi[t]], py[gi[t]]), (px[gj[t]], py[gj[t]]), bands[2])
+            if peak_vals is None:  # every candidate's band values once; only the mirror points change per round
+                peak_vals = band_point_values(bands[0], bands[1], px, py, bands[2])
+            exc, pval, rel, nb, local = excess_and_colour(bands[:2], (px[gi[t]], py[gi[t]]), (px[gj[t]], py[gj[t]]), bands[2],
+                                                          at_p=(peak_vals[0][:, gi[t]], peak_vals[1][:, gi[t]]),
+                                                          at_q=(peak_vals[0][:, gj[t]], peak_vals[1][:, gj[t]]))
             fail = (exc < config.peak_excess_sigma) | (rel < config.peak_excess_frac)
             same = np.where(nb >= 3, pval > config.peak_colour_pvalue, True)
             # one colour: still a separate object if most of the light at p is not q's (mirrored), behind a
@@ -303,7 +324,7 @@ class Deblending(Stage):
 
     name = "deblending"
     version = "1"
-    requires = ("exposure", "sky", "detections", "segmentation", "detection_image")
+    requires = ("exposure", "sky", "detections", "segmentation")
     provides = {
         "deblended": "objects after deblending: parents (not primary), children and isolated objects, with positions and shapes",
         "deblend_segmentation": "pixel owner map: row number + 1 of the child or isolated object, 0 = sky",
@@ -311,15 +332,14 @@ class Deblending(Stage):
     Config = DeblendingConfig
 
     def run(self, inputs: Mapping[str, Any], config: DeblendingConfig) -> dict[str, Any]:
-        tile, det = inputs["exposure"], inputs["detections"]
+        tile, det, sky = inputs["exposure"], inputs["detections"], inputs["sky"]
         foot = inputs["segmentation"].planes["footprint"]
-        di = inputs["detection_image"]
-        snr, num, den = di.planes["snr"], di.planes["num"], di.planes["den"]
-        sep_seg = di.planes["sep_segmentation"]
+        sep_seg = inputs["segmentation"].planes["sep"]
+        bl0 = [b for b in det.attrs.get("bands", tile.bands) if b in tile.bands]
+        num, den = coadd_planes(sky, bl0, {b: tile.header.get(b, {}).get("SATURATE_NJY") for b in bl0})
         nfoot = int(foot.max()) if foot.size else 0
         sharp, _ = matched_snr(num, den, config.peak_smooth_pix)
-        sky = inputs["sky"]
-        bl = list(di.attrs.get("bands") or tile.bands)
+        bl = [b for b in det.attrs.get("bands", tile.bands) if b in tile.bands]
         # per-band smoothing that brings every band to the resolution of the widest PSF (Gaussian
         # approximation), so that one object has the same "colour" at every point of its profile
         psf_sig = np.array([header_fwhm_pix(tile, b) for b in bl]) / FWHM_PER_SIGMA
@@ -402,12 +422,12 @@ class Deblending(Stage):
         peak[r_iso] = det["detect_peakSnr"][iso_rows]
         flags[r_iso] = det_flags[iso_rows]
         yy, xx = np.divmod(pix, w)
-        sv = snr.ravel()[pix]
+        sv = sharp.ravel()[pix]  # moment weights: the peak image (children's shapes are refined in photometry)
         mx, my, ma, mb, mth, mnp, _ = label_moments(sv, owner_flat[pix], n, xx.astype(np.float64), yy.astype(np.float64))
         r_ch = row_of[n_iso + n_par + np.arange(n_ch)]
         x[r_ch], y[r_ch] = sx, sy
         a[r_ch], b[r_ch], th[r_ch], npix[r_ch] = ma[r_ch], mb[r_ch], mth[r_ch], mnp[r_ch]
-        peak[r_ch] = snr[cy, cx]
+        peak[r_ch] = point_matched_snr(num, den, cx, cy, float(det.attrs.get("filter_fwhm_pix") or 4.0) / FWHM_PER_SIGMA)
         flags[r_ch] = det_flags[csep] | OBJECT_FLAGS["deblended_child"] | OBJECT_FLAGS["blended"]
         # parents: moments of the whole footprint
         r_par = row_of[n_iso + np.arange(n_par)]
@@ -450,6 +470,7 @@ class Deblending(Stage):
         t.add("detect_isDeblendedSource", ~is_parent, "", "a measured object: isolated or a child (not a blend parent)")
         t.add("detect_flags", flags, "", "detection and deblending flags (stages.flags.OBJECT_FLAGS)", "meta.code")
         t.attrs.update({"n_isolated": int(n_iso), "n_parents": int(n_par), "n_children": int(n_ch),
-                        "flag_bits": OBJECT_FLAGS.as_attrs()})
+                        "flag_bits": OBJECT_FLAGS.as_attrs(), "bands": list(det.attrs.get("bands", tile.bands)),
+                        "filter_fwhm_pix": det.attrs.get("filter_fwhm_pix")})
         return {"deblended": t,
                 "deblend_segmentation": ImageSet({"owner": owner}, {"value": "row of deblended + 1, 0 = sky"})}

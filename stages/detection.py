@@ -102,6 +102,18 @@ def matched_snr(num: np.ndarray, den: np.ndarray, sigma_pix: float) -> tuple[np.
     return fnum, nodata
 
 
+def detection_planes(tile: Any, sky: Any, det_attrs: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
+    """The coadd planes and the matched-filter S/N image of a tile, as the detection stage made them
+    (bands and filter from the detections' attrs): (num, den, snr, nodata). Recomputed downstream,
+    cheaply, rather than stored (a stored or transient product would stop the detection checkpoint
+    from being reused on reruns)."""
+    bands = [b for b in det_attrs.get("bands", tile.bands) if b in tile.bands]
+    sat = {b: tile.header.get(b, {}).get("SATURATE_NJY") for b in bands}
+    num, den = coadd_planes(sky, bands, sat)
+    snr, nodata = matched_snr(num, den, float(det_attrs.get("filter_fwhm_pix", 4.0)) / FWHM_PER_SIGMA)
+    return num, den, snr, nodata
+
+
 def detection_filter_fwhm(tile: Any, sky: Any, bands: list[str]) -> float:
     """Weighted mean PSF FWHM (pixels) of the bands, weights = median inverse variance."""
     fw, wt = [], []
@@ -161,10 +173,8 @@ class Detection(Stage):
     requires = ("exposure", "sky")
     provides = {
         "detections": "sep objects on the detection image (after SExtractor-style deblending), with their footprint",
-        "segmentation": "footprint map: footprint number (1-based) per pixel, 0 = sky",
-        "detection_image": "matched-filter S/N image and the inverse-variance coadd planes (transient)",
+        "segmentation": "planes 'footprint' (footprint number per pixel, 0 = sky) and 'sep' (sep object row + 1)",
     }
-    transient = ("detection_image",)
     Config = DetectionConfig
 
     def run(self, inputs: Mapping[str, Any], config: DetectionConfig) -> dict[str, Any]:
@@ -203,8 +213,7 @@ class Detection(Stage):
         t.add("detect_flags", f, "", "detection flags (stages.flags.OBJECT_FLAGS)", "meta.code")
         t.attrs.update({"filter_fwhm_pix": round(float(fwhm), 4), "thresh_sigma": config.thresh, "bands": bands,
                         "n_footprints": int(nfoot), "flag_bits": OBJECT_FLAGS.as_attrs()})
-        images = ImageSet({"snr": snr, "num": num, "den": den, "nodata": nodata, "sep_segmentation": seg.astype(np.int32)},
-                          {"filter_fwhm_pix": float(fwhm), "bands": bands})
+        seg_planes = {"footprint": foot.astype(np.int32), "sep": seg.astype(np.int32)}
         return {"detections": t,
-                "segmentation": ImageSet({"footprint": foot.astype(np.int32)}, {"value": "footprint number (1-based), 0 = sky"}),
-                "detection_image": images}
+                "segmentation": ImageSet(seg_planes, {"footprint": "footprint number (1-based), 0 = sky",
+                                                      "sep": "row of detections + 1, 0 = sky"})}

@@ -4,23 +4,34 @@ Every band is measured at the same positions with the same apertures (Kron ellip
 detection coadd), so colours are consistent. All measurements are vectorised over objects on
 stamps (one array of cut-outs per size class), never a Python loop per object.
 
-Neighbours: each measured object (child or isolated) gets a model per band -- its intrinsic
-Gaussian (deconvolved, Gaussian-windowed second moments of the coadd) convolved with the band's
-PSF (a Gaussian mixture, :mod:`stages.psf`) -- whose amplitudes are fitted simultaneously to the
-band image (one sparse linear least-squares solve per band, exact overlaps of the Gaussian
-mixtures). An object's fluxes are then measured on ``image - sum of the *other* objects' models``:
-its own light stays data, only the neighbours' light is removed, so the model only has to be
-good enough to remove neighbours. Masked pixels inside an aperture are filled with the object's
-own model (and flagged), so a masked column or a saturated core does not bias the sum; their
-variance is not counted. Parents (blends) are measured on the unsubtracted image.
+Order of work (per tile):
+
+1. Model shapes: each measured object's intrinsic Gaussian, from Gaussian-windowed second moments
+   of the inverse-variance coadd (neighbours' pixels masked), deconvolved from window and PSF.
+2. Centroids: every measured object's windowed centroid (SExtractor's XWIN, iterated) on the coadd
+   with all *other* objects' models subtracted -- a deblended child's peak is pulled towards its
+   neighbour; this is not.
+3. PSF: per band a Moffat (one slope for all bands, a FWHM per band) fitted to the tile's bright,
+   isolated, compact, unsaturated objects; the header FWHM and ``psf_default_beta`` when there are
+   too few (:mod:`stages.psf`, a Gaussian mixture for analytic convolutions and overlaps).
+4. Kron radius (SExtractor's definition) on the coadd with the other objects' models subtracted.
+5. Per band: every measured object's model (intrinsic Gaussian x band PSF) with amplitudes fitted
+   simultaneously (one sparse linear least-squares solve, exact overlaps of the Gaussian mixtures);
+   each object's fluxes are measured on ``image - sum of the *other* objects' models``: its own
+   light stays data, only the neighbours' light is removed, so the model only has to be good
+   enough to remove neighbours. Masked pixels inside an aperture are filled with the object's own
+   model (and flagged), so a masked column or a saturated core does not bias the sum; their
+   variance is not counted. Parents (blends) are measured on the unsubtracted image.
 
 Fluxes (nJy): ``{b}_apNNFlux`` (circular aperture of radius NN pixels, pixel weights clipped at the
 edge: ``clip(r - d + 1/2, 0, 1)``), ``{b}_kronFlux`` (2.5 Kron radii, at least 3.5 a and b, as
 SExtractor's MAG_AUTO; divided by the PSF's encircled fraction in that ellipse when
 ``kron_apcorr``, so a point source gets its total flux), ``{b}_psfFlux`` (PSF-weighted linear fit
-of the PSF model, total flux for a point source). Errors come from the weight map. The aperture
-correction to total flux of every circular aperture (for point sources) goes to the table attrs
-(``apcorr``), computed with the same pixel weights on the PSF model.
+of the PSF model, scaled on the tile's stars to the largest aperture's total flux -- Rubin's
+aperture correction -- so a small PSF-model error does not bias it). Errors come from the weight
+map. The aperture correction to total flux of every circular aperture (for point sources) goes to
+the table attrs (``apcorr``), computed with the same pixel weights on the PSF model; the PSF
+flux's in ``psf_apcorr``, the PSF models in ``psf``.
 
 ``refExtendedness``: 1 when the summed-over-bands ``psfFlux / kronFlux`` is below
 ``extendedness_cut`` (a point source gives ~1 since both are total fluxes), else 0.
@@ -41,6 +52,7 @@ from scipy.spatial import cKDTree
 from pipeline.stage import Stage, StageConfig
 from pipeline.table import Table
 
+from .detection import coadd_planes
 from .flags import OBJECT_FLAGS
 from .psf import BETA_GRID, FWHM_PER_SIGMA, PsfModel, band_psfs, fit_moffat_bands, moffat_chi2_grid, moffat_mixture
 
@@ -133,6 +145,26 @@ class Stamps:
 
     def radius(self) -> np.ndarray:
         return np.sqrt(self.dy[:, :, None] ** 2 + self.dx[:, None, :] ** 2)
+
+    def subset(self, k: np.ndarray) -> "Stamps":
+        """The stamps of positions ``k`` (indices into this set)."""
+        e = np.cumsum(~self.interior) - 1  # row of each edge stamp in ``inside``
+        ek = k[~self.interior[k]]
+        return Stamps(self.rows[k], self.half, self.ox[k], self.oy[k], self.interior[k], self.idx[k],
+                      self.inside[e[ek]], self.dx[k], self.dy[k])
+
+
+def stamps_touching(st: Stamps, yx: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Indices of the stamps of ``st`` that contain at least one of the pixels ``yx`` (few pixels)."""
+    if yx[0].size == 0 or st.rows.size == 0:
+        return np.zeros(0, np.int64)
+    hit = np.zeros(st.rows.size, bool)
+    S = st.size
+    for y0 in range(0, yx[0].size, 4096):  # blocks of pixels x stamps, bounded memory
+        py, px = yx[0][y0:y0 + 4096], yx[1][y0:y0 + 4096]
+        hit |= ((py[None, :] >= st.oy[:, None]) & (py[None, :] < st.oy[:, None] + S)
+                & (px[None, :] >= st.ox[:, None]) & (px[None, :] < st.ox[:, None] + S)).any(axis=1)
+    return np.flatnonzero(hit)
 
 
 def circular_weights(r_pix: np.ndarray, radius: float) -> np.ndarray:
@@ -273,7 +305,7 @@ class Photometry(Stage):
 
     name = "photometry"
     version = "2"
-    requires = ("exposure", "sky", "deblended", "deblend_segmentation", "segmentation", "detection_image")
+    requires = ("exposure", "sky", "deblended", "deblend_segmentation", "segmentation")
     optional = ("masks/artefacts",)
     provides = {"objects": "per-object multi-band photometry (nJy), positions, shapes, parent/child records and flags"}
     Config = PhotometryConfig
@@ -282,7 +314,6 @@ class Photometry(Stage):
         tile, sky, det = inputs["exposure"], inputs["sky"], inputs["deblended"]
         owner = inputs["deblend_segmentation"].planes["owner"]
         foot = inputs["segmentation"].planes["footprint"]
-        di = inputs["detection_image"]
         artefacts = inputs.get("masks/artefacts")
         n = len(det)
         shape = tile.shape
@@ -314,7 +345,8 @@ class Photometry(Stage):
             wv = wv[wv > 0]
             wsky[bnd] = float(np.median(wv)) if wv.size else 0.0
         cpsf = coadd_psf(psfs, wsky, config.psf_beta if config.psf_beta is not None else config.psf_default_beta)
-        num, den = di.planes["num"], di.planes["den"]
+        dbands = [bb for bb in det.attrs.get("bands", bands) if bb in bands]
+        num, den = coadd_planes(sky, dbands, {bb: tile.header.get(bb, {}).get("SATURATE_NJY") for bb in dbands})
         nodata = den <= 0
         coadd = np.zeros(shape, np.float32)
         np.divide(num, den, out=coadd, where=~nodata)
@@ -333,7 +365,7 @@ class Photometry(Stage):
         # their share of the footprint, which a neighbour cuts
         child = measured & (np.asarray(det["parentObjectId"]) != 0)
         if child.any():
-            s2 = cpsf.sigma_eff ** 2 + (float(di.attrs.get("filter_fwhm_pix", cpsf.fwhm_pix)) / FWHM_PER_SIGMA) ** 2
+            s2 = cpsf.sigma_eff ** 2 + (float(det.attrs.get("filter_fwhm_pix") or cpsf.fwhm_pix) / FWHM_PER_SIGMA) ** 2
             cxx, cyy, cxy = cov[0, child] + s2, cov[1, child] + s2, cov[2, child]
             tr, dt = cxx + cyy, cxx * cyy - cxy * cxy
             disc = np.sqrt(np.maximum(tr * tr / 4 - dt, 0))
@@ -371,13 +403,14 @@ class Photometry(Stage):
             return ms_, prs
 
         msets, pairs = model_sets()
+        own_c, msets_c, x_c, y_c = None, msets, x, y  # coadd models, their stamps and centres (Kron radius)
         if config.neighbour_models and mrows.size and config.centroid_iterations:
             # centroids: windowed first moments (SExtractor's XWIN) of the coadd with the other objects' models
             # removed (a child's peak is pulled towards its neighbour), then the models re-centred
             _, own_c = coadd_models(coadd, den, cpsf, msets, cov, measured, pairs, x, y, shape)
             dxy = refine_centroids(coadd, den, own_c, msets, measured, x, y, cpsf.sigma_eff, shape, config.centroid_iterations)
             x, y = x + dxy[0], y + dxy[1]
-            msets, pairs = model_sets()
+            msets, pairs = model_sets()  # per-band models at the refined centres
             ra, dec = tile.wcs().all_pix2world(x, y, 0)
             inner = np.asarray(tile.inner.contains(x, y) if tile.inner else np.ones(n, bool), bool)
             t.add("x", x, "pix", "x centroid, 0-based pixel: windowed centroid of the coadd, neighbours' models removed", "pos.cartesian.x")
@@ -392,8 +425,9 @@ class Photometry(Stage):
             cpsf = coadd_psf(psfs, wsky, float(np.average([p.beta for p in psfs.values()],
                                                           weights=[max(wsky[b], 1e-30) for b in bands])))
         # Kron radius of measured objects on the coadd with every other object's model subtracted
-        amp_c, own_c = coadd_models(coadd, den, cpsf, msets, cov, measured, pairs, x, y, shape) if config.neighbour_models \
-            else (np.zeros(n), None)
+        if config.neighbour_models and own_c is None and mrows.size:
+            _, own_c = coadd_models(coadd, den, cpsf, msets, cov, measured, pairs, x, y, shape)
+            msets_c = msets
         kr = np.zeros(n)
         if n:
             segid = np.where(measured, np.arange(n) + 1, np.asarray(det["footprintId"], np.int64)).astype(np.int32)
@@ -404,7 +438,8 @@ class Photometry(Stage):
                                            mask=nodata, segmap=np.ascontiguousarray(segmap, np.int32), seg_id=segid[sel])
                     kr[sel] = k
             if own_c is not None and mrows.size:
-                kr[mrows] = deblended_kron_radius(coadd, den, own_c, msets, mrows, x, y, a, b, th, config.kron_rmax, shape)
+                kr[mrows] = deblended_kron_radius(coadd, den, own_c, msets_c, mrows, x_c, y_c, a, b, th, config.kron_rmax,
+                                                  shape, shift=(x - x_c, y - y_c))
         kr = np.where(np.isfinite(kr) & (kr > 0), kr, 0.0)
         kscale = np.maximum(config.kron_factor * kr, config.min_kron_radius)
         kA, kB = kscale * a, kscale * b
@@ -462,6 +497,7 @@ class Photometry(Stage):
             img, wt = sky.image[band], sky.weight[band]
             sat = sky.saturated.get(band) if hasattr(sky, "saturated") else None
             sat = sat if sat is not None and sat.any() else None
+            sat_yx = np.nonzero(sat) if sat is not None else None
             art = getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None
             art = np.asarray(art) if art is not None and np.any(art) else None
             own_ap = np.zeros((n, napt + 1))   # aperture sums of each object's own model
@@ -543,7 +579,10 @@ class Photometry(Stage):
                     badst[~st.interior] &= st.inside
                 fb[(badst & u).any(axis=(1, 2))] |= OBJECT_FLAGS["masked_pixels"]
                 if sat is not None:
-                    fb[(st.gather(sat) & u).any(axis=(1, 2))] |= OBJECT_FLAGS["saturated"]
+                    near = stamps_touching(st, sat_yx)
+                    if near.size:
+                        sub = st.subset(near)
+                        fb[near[(sub.gather(sat) & u[near]).any(axis=(1, 2))]] |= OBJECT_FLAGS["saturated"]
                 if art is not None:
                     av = np.where(u, st.gather(art), 0).reshape(nn, -1)
                     fb |= artefact_flags(np.bitwise_or.reduce(av, axis=1), artefacts)
@@ -712,9 +751,12 @@ def refine_centroids(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], 
 
 def deblended_kron_radius(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], msets: list["Stamps"],
                           rows: np.ndarray, x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray,
-                          th: np.ndarray, rmax: float, shape: tuple[int, int]) -> np.ndarray:
+                          th: np.ndarray, rmax: float, shape: tuple[int, int],
+                          shift: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """SExtractor's Kron radius (first moment of the light within ``rmax`` (a, b), in units of a, b),
-    measured on the coadd minus every *other* object's model, vectorised on stamps."""
+    measured on the coadd minus every *other* object's model, vectorised on stamps.
+
+    ``x, y`` are the centres the models were drawn at; ``shift`` moves the ellipse's centre from there."""
     h, w = shape
     mtot = np.zeros(h * w, np.float32)
     for g, ms in zip(own, msets):
@@ -731,6 +773,9 @@ def deblended_kron_radius(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarr
         img = (st.gather(coadd) - st.gather(mtot)) * (st.gather(den) > 0) + embed(own, msets, st)
         ct, sn = np.cos(th[r]).astype(np.float32), np.sin(th[r]).astype(np.float32)
         dx, dy = st.dx[:, None, :], st.dy[:, :, None]
+        if shift is not None:
+            dx = dx - shift[0][r].astype(np.float32)[:, None, None]
+            dy = dy - shift[1][r].astype(np.float32)[:, None, None]
         u = (dx * ct[:, None, None] + dy * sn[:, None, None]) / a[r].astype(np.float32)[:, None, None]
         v = (-dx * sn[:, None, None] + dy * ct[:, None, None]) / b[r].astype(np.float32)[:, None, None]
         rho = np.sqrt(u * u + v * v)

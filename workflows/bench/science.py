@@ -116,14 +116,16 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool) -> 
                            "inner": tile.inner.model_dump() if tile.inner else None, "ours": ours, "timing": timing,
                            "n_rows": len(obj), "deblend": {k: v for k, v in products["deblended"].attrs.items() if k.startswith("n_")}}
     if run_sex:
-        di = products["detection_image"]
+        from stages.detection import detection_planes
+
+        _, _, snr, nodata = detection_planes(tile, products["sky"], products["detections"].attrs)
         settings = sextractor.Settings(thresh=det_cfg.thresh, minarea=det_cfg.minarea, deblend_nthresh=det_cfg.deblend_nthresh,
                                        deblend_cont=det_cfg.deblend_cont, clean=det_cfg.clean, clean_param=det_cfg.clean_param,
                                        apertures_pix=tuple(phot_cfg.apertures_pix), kron_factor=phot_cfg.kron_factor,
                                        min_kron_radius=phot_cfg.min_kron_radius, back_size=Background.Config().mesh,
                                        back_filtersize=Background.Config().filter_size)
         with tempfile.TemporaryDirectory(dir=work, prefix=f"sex-{tile_id}-") as tmp:
-            r = sextractor.run_dual(di.planes["snr"], (~di.planes["nodata"]).astype(np.float32),
+            r = sextractor.run_dual(snr, (~nodata).astype(np.float32),
                                     {b: tile.image[b] for b in tile.bands}, {b: tile.weight[b] for b in tile.bands},
                                     settings, tmp)
         out["sex"] = {"x": r.x, "y": r.y, "flags": r.flags, "flux": r.flux, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "runs": r.runs}

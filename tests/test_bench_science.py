@@ -1,0 +1,48 @@
+"""Smoke run of ``surveypipe bench science`` on one tiny simulated tile (test seed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workflows.bench import science, sextractor
+
+
+def test_bench_science_smoke(tmp_path, capsys):
+    args = ["--tiles", "1", "--size", "256", "--bands", "gri", "--seed", "150", "--seed-purpose", "test",
+            "--out", str(tmp_path / "bench")]
+    if sextractor.executable() is None:
+        args.append("--no-sextractor")
+    assert science.main(args) == 0
+    out = capsys.readouterr().out
+    for text in ("Completeness vs true", "Purity", "Photometric accuracy", "Error calibration", "Throughput", "Goals:"):
+        assert text in out
+    res = json.loads((tmp_path / "bench" / "science.json").read_text())
+    assert set(res) == {"meta", "metrics", "throughput", "goals"}
+    m = res["metrics"]
+    assert m["limits"]["ours"]["m90"] > 18
+    assert res["throughput"]["cpu"]["ours_det_deblend_phot"] > 0
+    if sextractor.executable() is not None:
+        assert res["throughput"]["cpu"]["sextractor"] > 0 and "sextractor" in m["purity"]
+
+
+def test_bench_refuses_a_non_benchmark_seed(tmp_path):
+    assert science.main(["--seed", "150", "--out", str(tmp_path)]) == 2
+
+
+def test_one_to_one_matching_gives_each_detection_once():
+    import numpy as np
+
+    tx, ty, tm = np.array([0.0, 1.0, 10.0]), np.array([0.0, 0.0, 0.0]), np.array([20.0, 22.0, 21.0])
+    dx, dy = np.array([0.4, 10.2]), np.array([0.0, 0.0])
+    m = science.match_brightest_first(tx, ty, tm, dx, dy, radius=5.0)
+    assert m.tolist() == [0, -1, 1]  # the brighter true object takes the shared detection
+
+
+@pytest.mark.parametrize("level,expect", [(0.9, 21.9), (0.5, 23.5)])
+def test_completeness_limit_interpolates(level, expect):
+    import numpy as np
+
+    mags = np.repeat(np.arange(20.125, 25, 0.25), 100)
+    found = np.concatenate([np.arange(100) < int(100 * c) for c in np.clip(1 - (np.arange(20.125, 25, 0.25) - 21.5) / 4, 0, 1)])
+    assert abs(science.completeness_limit(mags, found, level) - expect) < 0.2
