@@ -352,6 +352,9 @@ def _job(settings: dict[str, Any], *, gpu: bool) -> SlurmJobSettings:
 
 def _prologue(job: SlurmJobSettings) -> list[str]:
     lines = list(job.job_script_prologue)
+    # tiles are the unit of parallelism: one math thread per worker process, as on a LocalCluster,
+    # so a catalogue does not depend on where it was made (BLAS thread counts change float sums)
+    lines.append("export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1")
     if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "pipeline").is_dir():
         # Workers import surveypipe's code from this checkout even where it is not pip-installed.
         lines.append(f'export PYTHONPATH="{PROJECT_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"')

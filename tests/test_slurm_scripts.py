@@ -16,6 +16,7 @@ from pipeline.slurm import (PROJECT_ROOT, SCHEDULER_PLACEHOLDER, duration_second
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "slurm"
 PYTHONPATH_LINE = f'export PYTHONPATH="{PROJECT_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"'
+THREADS_LINE = "export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
 
 
 def header(script: str) -> list[str]:
@@ -60,7 +61,7 @@ def test_package_default_script_line_by_line():
     ]
     # the prologue sits between the header and the worker command
     body = [line for line in lines[1:] if line and not line.startswith("#SBATCH")]
-    assert body[:-1] == [PYTHONPATH_LINE]
+    assert body[:-1] == [THREADS_LINE, PYTHONPATH_LINE]
     cmd = body[-1].split()
     assert cmd[:4] == [sys.executable, "-m", "distributed.cli.dask_worker", SCHEDULER_PLACEHOLDER]
     assert option(cmd, "--nthreads") == "1"
@@ -89,7 +90,7 @@ def test_site_file_line_by_line(tmp_path):
     ]
     body = [line for line in script.splitlines()[1:] if line and not line.startswith("#SBATCH")]
     # user prologue first (modules, environments), then surveypipe's import path, then the worker
-    assert body[:-1] == ["module load python/3.11", "echo starting on $(hostname)", PYTHONPATH_LINE]
+    assert body[:-1] == ["module load python/3.11", "echo starting on $(hostname)", THREADS_LINE, PYTHONPATH_LINE]
     cmd = body[-1].split()
     assert option(cmd, "--nworkers") == "2"
     assert option(cmd, "--nthreads") == "1"
