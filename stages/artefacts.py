@@ -157,10 +157,17 @@ class ArtefactsConfig(StageConfig):
 
 
 @lru_cache(maxsize=8)
-def _card(model_dir: str) -> Any:
+def _card_cached(model_dir: str, stamp: tuple[int, ...]) -> Any:
     from pipeline.modelcard import load_card
 
     return load_card(model_dir)
+
+
+def _card(model_dir: str) -> Any:
+    """The model card (sha256 checked), read once per process and model version."""
+    d = Path(model_dir)
+    stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (d / "card.json", d / "model.onnx"))
+    return _card_cached(model_dir, stamp)
 
 
 class Artefacts(Stage):

@@ -31,6 +31,7 @@ from pipeline.table import Table
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "photoz"
 ODDS_K = 0.06
+BATCH = 256  # objects per ONNX Runtime call: the (batch, components, grid) block stays in cache
 QUANTILES = {"photoz_l95": 0.025, "photoz_l68": 0.16, "photoz_median": 0.5, "photoz_u68": 0.84, "photoz_u95": 0.975}
 
 COLUMNS = {
@@ -50,7 +51,7 @@ class PhotoZConfig(StageConfig):
                                                     "None: the shipped stages/models/photoz")
     flux_kind: str | None = Field(None, description="use {band}_{kind}Flux columns instead of the card's kind "
                                                     "(only for models trained on that kind)")
-    batch: int = Field(2048, gt=0, description="objects per ONNX Runtime call")
+    batch: int = Field(BATCH, gt=0, description="objects per ONNX Runtime call (256: fastest per core)")
     device: Literal["cpu", "auto", "cuda"] = Field("cpu", description="ONNX Runtime device; the model is tiny, "
                                                                       "the CPU is the default")
 
@@ -128,7 +129,7 @@ def flux_arrays(objects: Mapping[str, np.ndarray] | Table, bands: list[str], col
     return flux, err
 
 
-def predict(model_dir: str | Path, flux: np.ndarray, err: np.ndarray, *, batch: int = 2048,
+def predict(model_dir: str | Path, flux: np.ndarray, err: np.ndarray, *, batch: int = BATCH,
             device: str = "cpu", card: ModelCard | None = None) -> dict[str, Any]:
     """Run a photo-z model on (n, B) fluxes/errors (nJy, the card's band order): pdf + summaries."""
     from pipeline.onnx import run_batched, session

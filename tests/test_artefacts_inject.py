@@ -6,7 +6,8 @@ import pytest
 from astropy.table import Table
 
 from stages.artefacts import ARTEFACT_BITS, ARTEFACT_CLASSES
-from workflows.mock.artefacts import (ArtefactRates, TRUTH_NSIGMA, inject_artefacts, moffat_alpha, truth_summary)
+from workflows.mock.artefacts import (SPIKE_VS_STAR, TRUTH_NSIGMA, ArtefactRates, inject_artefacts, moffat_alpha,
+                                      truth_summary)
 
 SAT = 1000.0
 SIG = 1.0
@@ -59,10 +60,10 @@ def test_additive_truth_is_every_pixel_changed_by_a_sigma(cls):
                              psf_fwhm_pix=FWHM, rates=DENSE, classes=(cls,))
     on = (truth & ARTEFACT_BITS[cls]) != 0
     big = (img - before) >= TRUTH_NSIGMA / np.sqrt(w) * 1.0001  # the pixel's own sigma (source noise included)
-    if cls == "diffraction_spike":  # spikes also need to stand out of the star's own light (a tenth of it)
+    if cls == "diffraction_spike":  # spikes also need to stand out of the star's own light (SPIKE_VS_STAR of it)
         r2 = np.sum((np.mgrid[0:img.shape[0], 0:img.shape[1]] - img.shape[0] / 2) ** 2, axis=0)
         star = 20 * SAT * (1 + r2 / moffat_alpha(FWHM) ** 2) ** -3.0
-        big &= (img - before) >= 0.1 * star * 1.001
+        big &= (img - before) >= SPIKE_VS_STAR * star * 1.001
     assert np.all(on[big]), f"{np.count_nonzero(big & ~on)} pixels changed by > 1 sigma without the bit"
 
 

@@ -15,10 +15,10 @@ def test_tiny_training_run_exports_a_working_model(tmp_path):
     from workflows.train.artefacts import load_set, main
 
     t0 = time.perf_counter()
-    assert main(["--quick", "--steps", "4", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work")]) == 0
+    assert main(["--quick", "--steps", "3", "--finetune-steps", "2", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work")]) == 0
     card = load_card(tmp_path / "model")
     assert card.classes == list(ARTEFACT_CLASSES) and set(card.thresholds) == set(ARTEFACT_CLASSES)
-    assert card.training["steps"] == 4 and card.inference["margin"] >= card.inference["dependency_radius"]
+    assert card.training["steps"] == 5 and card.inference["margin"] >= card.inference["dependency_radius"]
     # the exported model runs in the stage on a tile of another size
     from pipeline.manifest import load_manifest
     from pipeline.tile import load_tile

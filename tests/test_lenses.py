@@ -84,8 +84,6 @@ def _scene(with_lens: bool, seed: int = 102):
 
 
 @pytest.mark.skipif(not HAVE_MODEL, reason="no shipped lens model")
-@pytest.mark.xfail(strict=True, reason="the shipped lens model (14:28 build) ranks this lens below the elliptical; "
-                   "retraining is pending (issue 6). Strict: passes once fixed, then remove this marker")
 def test_an_obvious_lens_scores_above_an_isolated_elliptical():
     st = Lenses()
     lens = st.run(_scene(True), st.Config())["lenses"]

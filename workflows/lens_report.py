@@ -6,7 +6,8 @@ highest ``lens_score`` candidates, re-reads their tiles (the pipeline's loader a
 stage, so the stamps are exactly what the model saw), and writes per candidate
 
 * ``cand_NNN_rgb.png`` -- a colour cutout (i, r, g -> R, G, B; Lupton et al. 2004 arcsinh stretch
-  with the model card's per-band noise scales, so colours are comparable between candidates);
+  with one flux scale for all bands, the mean of the card's per-band noise scales, so colours are
+  physical and comparable between candidates);
 * ``cand_NNN_saliency.png`` -- a SmoothGrad saliency map (Smilkov et al. 2017): the gradient of
   ``lens_score`` with respect to the model input, averaged over ``--samples`` noisy copies of the
   stamp (noise ``--noise`` x the input's range), its absolute value maximised over bands, shown
@@ -167,7 +168,9 @@ def write_report(out: Path, cands: Sequence[Candidate], raw: np.ndarray, x: np.n
     """PNG files and index.html for the candidates; returns the path of index.html."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scales = [float(card.normalisation["scale_njy"][b]) for b in card.bands]
+    # one flux scale for every band, so colours are physical (f_nu), not S/N ratios
+    common = float(np.mean([float(card.normalisation["scale_njy"][b]) for b in card.bands]))
+    scales = [common] * len(card.bands)
     rows = []
     for k, c in enumerate(cands):
         rgb = lupton_rgb(raw[k], scales)

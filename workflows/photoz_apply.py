@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="one band's columns (repeat; instead of --mapping)")
     p.add_argument("--nondetection", default=None, help="'mag=99', 'nan', 'flux_le=0' or 'none'")
     p.add_argument("--hdf5-key", default=None, help="HDF5 group/dataset holding the table")
-    p.add_argument("--batch", type=int, default=4096, help="objects per ONNX Runtime call")
+    p.add_argument("--batch", type=int, default=256, help="objects per ONNX Runtime call")
     p.add_argument("--no-pdf", action="store_true", help="leave photoz_pdf out (summaries only)")
     return p
 

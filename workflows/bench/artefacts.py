@@ -52,19 +52,20 @@ def _match(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray, r: fl
     return d <= r
 
 
-def detect(tile: Any, mask: dict[str, np.ndarray] | None) -> tuple[Any, str]:
+def detect(tile: Any, mask: dict[str, np.ndarray] | None, via: str = "pipeline") -> tuple[Any, str]:
     """Background + Detection of the pipeline on ``tile``, optionally with the artefact mask.
 
-    The mask goes to every stage that declares ``masks/artefacts`` optional; if none does, masked
-    pixels are set bad in the sky of their band (that band is dropped there). Returns the
-    detections and how the mask was applied."""
+    ``via="pipeline"``: the mask goes to every stage that declares ``masks/artefacts`` optional (if
+    none does, as below). ``via="bench"``: the stages run without it and the masked pixels are then
+    set bad in the sky of their band (that band is dropped there; the sky's saturated-pixel map
+    stays the one made without the mask). Returns the detections and how the mask was applied."""
     from pipeline.stage import ImageSet
     from stages.background import Background
     from stages.detection import Detection
 
     mset = ImageSet(mask, {"bits": ARTEFACT_BITS.as_attrs()}) if mask is not None else None
     bg, det = Background(), Detection()
-    takers = [s.name for s in (bg, det) if "masks/artefacts" in s.optional]
+    takers = [s.name for s in (bg, det) if "masks/artefacts" in s.optional] if via == "pipeline" else []
     ins: dict[str, Any] = {"exposure": tile}
     if mset is not None and bg.name in takers:
         ins["masks/artefacts"] = mset
@@ -257,46 +258,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---- spurious detections caused by artefacts
     log("")
     log("detections (pipeline Background + Detection, all bands): spurious = no clean-twin detection within 3 px")
-    n_sp0 = n_sp1 = n_clean = n_lost0 = n_lost1 = 0
-    how = "none"
-    by_class0: dict[str, int] = {c: 0 for c in ARTEFACT_CLASSES}
-    by_class1: dict[str, int] = {c: 0 for c in ARTEFACT_CLASSES}
+    n_clean = 0
+    variants = {"without": None, "with": "pipeline", "with_bench": "bench"}
+    n_sp = {v: 0 for v in variants}
+    n_lost = {v: 0 for v in variants}
+    by_class: dict[str, dict[str, int]] = {v: {} for v in variants}
+    how: dict[str, str] = {}
     for tid, td in tiles.items():
         d_clean, _ = detect(clean_tiles[tid], None)
-        d0, _ = detect(td, None)
-        d1, how = detect(td, masks[tid])
         union = np.zeros(td.shape, np.uint16)
         for im in images:
             if im.tile == tid:
                 union |= im.truth
         n_clean += len(d_clean)
-        for d, by in ((d0, by_class0), (d1, by_class1)):
-            sp = ~_match(np.asarray(d["x"]), np.asarray(d["y"]), np.asarray(d_clean["x"]), np.asarray(d_clean["y"]), 3.0)
-            for x, y in zip(np.asarray(d["x"])[sp], np.asarray(d["y"])[sp]):
+        xc, yc = np.asarray(d_clean["x"]), np.asarray(d_clean["y"])
+        for v, via in variants.items():
+            d, how[v] = detect(td, masks[tid] if via else None, via=via or "pipeline")
+            xd, yd = np.asarray(d["x"]), np.asarray(d["y"])
+            sp = ~_match(xd, yd, xc, yc, 3.0)
+            n_sp[v] += int(sp.sum())
+            n_lost[v] += int((~_match(xc, yc, xd, yd, 3.0)).sum())
+            for x, y in zip(xd[sp], yd[sp]):
                 iy, ix = int(round(y)), int(round(x))
                 box = union[max(iy - 2, 0):iy + 3, max(ix - 2, 0):ix + 3]
                 hit = [c for c in ARTEFACT_CLASSES if np.any(box & np.uint16(ARTEFACT_BITS[c]))]
-                by[hit[0] if hit else "none"] = by.get(hit[0] if hit else "none", 0) + 1
-            if d is d0:
-                n_sp0 += int(sp.sum())
-                n_lost0 += int((~_match(np.asarray(d_clean["x"]), np.asarray(d_clean["y"]), np.asarray(d["x"]), np.asarray(d["y"]), 3.0)).sum())
-            else:
-                n_sp1 += int(sp.sum())
-                n_lost1 += int((~_match(np.asarray(d_clean["x"]), np.asarray(d_clean["y"]), np.asarray(d["x"]), np.asarray(d["y"]), 3.0)).sum())
-    red = 1.0 - n_sp1 / n_sp0 if n_sp0 else float("nan")
+                key = hit[0] if hit else "none"
+                by_class[v][key] = by_class[v].get(key, 0) + 1
     log(f"clean-twin detections: {n_clean}")
-    log(f"spurious detections caused by artefacts: without the stage {n_sp0}, with the stage {n_sp1} "
-        f"({100 * red:.1f} % fewer; goal >= 95 %)")
-    log(f"  by class at the detection (first class within 2 px), without: "
-        + ", ".join(f"{c} {v}" for c, v in by_class0.items() if v))
-    log(f"  by class at the detection (first class within 2 px), with:    "
-        + ", ".join(f"{c} {v}" for c, v in by_class1.items() if v))
-    log(f"clean-twin detections without a counterpart: without the stage {n_lost0}, with the stage {n_lost1}")
-    results["detections"] = {"clean": n_clean, "spurious_without": n_sp0, "spurious_with": n_sp1, "reduction": red,
-                             "by_class_without": by_class0, "by_class_with": by_class1,
-                             "clean_lost_without": n_lost0, "clean_lost_with": n_lost1,
-                             "mask_applied": how}
-    log(f"  (mask applied {how})")
+    results["detections"] = {"clean": n_clean}
+    for v in variants:
+        red = 1.0 - n_sp[v] / n_sp["without"] if n_sp["without"] else float("nan")
+        label = {"without": "without the stage", "with": "with the stage, mask applied " + how["with"],
+                 "with_bench": "with the stage, mask applied " + how["with_bench"]}[v]
+        extra = "" if v == "without" else f" ({100 * red:.1f} % fewer; goal >= 95 %)"
+        log(f"spurious detections caused by artefacts, {label}: {n_sp[v]}{extra}")
+        log("    at (first truth class within 2 px): " + ", ".join(f"{c} {n}" for c, n in by_class[v].items()))
+        log(f"    clean-twin detections without a counterpart: {n_lost[v]}")
+        results["detections"][v] = {"spurious": n_sp[v], "reduction": red, "by_class": by_class[v],
+                                    "clean_lost": n_lost[v], "mask_applied": how[v]}
 
     # ---- speed: ONNX Runtime (the stage) and PyTorch, 1 thread, CPU seconds per MPix per band
     arch = {k: v for k, v in card.model_extra.get("architecture", {}).items() if k in ("c0", "widths", "dilated_from")}

@@ -37,7 +37,8 @@ artefacts are capped at 0.95 SATURATE, so no artefact saturates by itself.
 Truth (exact, from the injected signal itself): a pixel carries an additive class's bit when that
 artefact added at least ``min(TRUTH_FRAC * its own peak, TRUTH_NSIGMA * sigma)`` to it -- every
 pixel changed by a noise sigma or more, and for faint artefacts the core of their profile.
-Spikes also need to exceed ``SPIKE_VS_STAR`` of the star's own light at that pixel. Columns
+Spikes also need to exceed ``SPIKE_VS_STAR`` (half) of the star's own light at that pixel (near the
+core the star dominates: that part is the star, not a spike, and no model could tell). Columns
 mark every pixel of the segment. Pixels that end saturated carry only ``saturation`` (their
 additive contributions were clipped away); pixels of dead columns carry only ``dead_column``.
 Additive artefacts are capped at 0.95 SATURATE so they never saturate themselves.
@@ -51,10 +52,10 @@ import numpy as np
 
 from stages.artefacts import ARTEFACT_BITS
 
-INJECTOR_VERSION = 3  # bump when what is injected changes (cached training sets are then re-simulated)
+INJECTOR_VERSION = 4  # bump when what is injected changes (cached training sets are then re-simulated)
 TRUTH_FRAC = 0.25
 TRUTH_NSIGMA = 1.0
-SPIKE_VS_STAR = 0.1
+SPIKE_VS_STAR = 0.5
 MOFFAT_BETA = 3.0
 SS = 5  # supersampling of cosmic-ray deposits
 
@@ -352,7 +353,7 @@ def add_spikes(ctx: _Ctx, rates: ArtefactRates, xs: np.ndarray, ys: np.ndarray, 
             tot += amp * alpha**2 / (u * u + alpha**2) * np.exp(-0.5 * (v / sig) ** 2)
         tot *= r2 <= R * R
         contrib = tot.astype(np.float32)
-        # visible part only: above a noise sigma (the Ctx rule) and above a tenth of the star's light
+        # visible part only: above a noise sigma (the Ctx rule) and above half the star's own light
         ctx.add("diffraction_spike", ya, xa, contrib, np.float32(np.inf), keep=tot >= SPIKE_VS_STAR * star)
 
 

@@ -48,6 +48,10 @@ ARCH_DEFAULT = {"c0": 12, "widths": [16, 32, 48, 64], "dilated_from": 2}
 POS_WEIGHT = {"cosmic_ray": 5.0, "satellite_trail": 2.0, "hot_column": 3.0, "dead_column": 3.0, "hot_pixel": 20.0,
               "saturation": 10.0, "diffraction_spike": 2.0}
 DICE_WEIGHT = 0.5
+# second phase: diffraction spikes and satellite trails are both PSF-wide straight lines; crops centred on
+# them more often and spikes weighted up teach the network to tell them apart (spikes fade and point at a star)
+FINETUNE_CLASS_WEIGHTS = {"diffraction_spike": 3.0, "satellite_trail": 2.0}
+FINETUNE_POS_WEIGHT = {"diffraction_spike": 5.0}
 
 
 # ------------------------------------------------------------------ the network
@@ -217,8 +221,9 @@ class CropSampler:
     """Random crops: a fraction centred on a pixel of a random class present in the set."""
 
     def __init__(self, images: Sequence[BandImage], crop: int, rng: np.random.Generator, focus: float = 0.5,
-                 sat_mask_prob: float = 0.3) -> None:
+                 sat_mask_prob: float = 0.3, class_weights: dict[str, float] | None = None) -> None:
         self.images, self.crop, self.rng, self.focus, self.sat_mask_prob = images, crop, rng, focus, sat_mask_prob
+        self.class_weights = class_weights or {}
         self.where: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(len(ARTEFACT_CLASSES))}
         for i, im in enumerate(images):
             for k, c in enumerate(ARTEFACT_CLASSES):
@@ -226,6 +231,8 @@ class CropSampler:
                 if idx.size:
                     self.where[k].append((i, idx))
         self.present = [k for k, v in self.where.items() if v]
+        w = np.array([self.class_weights.get(ARTEFACT_CLASSES[k], 1.0) for k in self.present], float)
+        self.present_p = w / w.sum() if len(w) else w
 
     def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         rng, c = self.rng, self.crop
@@ -233,7 +240,7 @@ class CropSampler:
         ts = np.empty((n, len(ARTEFACT_CLASSES), c, c), np.float32)
         for j in range(n):
             if self.present and rng.random() < self.focus:
-                k = self.present[int(rng.integers(len(self.present)))]
+                k = self.present[int(rng.choice(len(self.present), p=self.present_p))]
                 i, idx = self.where[k][int(rng.integers(len(self.where[k])))]
                 im = self.images[i]
                 cy, cx = np.unravel_index(int(idx[int(rng.integers(idx.size))]), im.truth.shape)
@@ -357,17 +364,20 @@ def evaluate(images: Sequence[BandImage], predict: Callable[[np.ndarray], np.nda
 # ------------------------------------------------------------------ training
 def train_model(images: Sequence[BandImage], *, steps: int, batch: int = 8, crop: int = 160, lr: float = 3e-3,
                 seed: int = 1000, arch: dict[str, Any] | None = None, log: Callable[[str], None] = print,
-                log_every: int = 100):
+                log_every: int = 100, model: Any = None, focus: float = 0.5,
+                class_weights: dict[str, float] | None = None, pos_weight: dict[str, float] | None = None,
+                pct_start: float = 0.1, tag: str = "train"):
+    """One phase of training (``model`` given: continue from it). Returns (model, wall s, CPU s)."""
     import torch
 
     torch.manual_seed(seed)
-    model = build_model(arch)
+    model = build_model(arch) if model is None else model
     rng = np.random.default_rng(seed)
-    sampler = CropSampler(images, crop, rng)
+    sampler = CropSampler(images, crop, rng, focus=focus, class_weights=class_weights)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    # mild up-weighting of positives: artefact pixels are rare
-    pos_w = torch.tensor([POS_WEIGHT[c] for c in ARTEFACT_CLASSES]).reshape(-1, 1, 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start)
+    pw = {**POS_WEIGHT, **(pos_weight or {})}
+    pos_w = torch.tensor([pw[c] for c in ARTEFACT_CLASSES]).reshape(-1, 1, 1)
     bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_w)
 
     def loss_fn(logits, target):
@@ -392,7 +402,7 @@ def train_model(images: Sequence[BandImage], *, steps: int, batch: int = 8, crop
         lv = loss.item()
         run = 0.98 * run + 0.02 * lv if step > 1 else lv
         if step % log_every == 0 or step == steps:
-            log(f"train artefacts: step {step}/{steps} loss {run:.4f} ({time.perf_counter() - t0:.0f} s wall, "
+            log(f"{tag} artefacts: step {step}/{steps} loss {run:.4f} ({time.perf_counter() - t0:.0f} s wall, "
                 f"{time.process_time() - c0:.0f} CPU-s)")
     model.eval()
     return model, time.perf_counter() - t0, time.process_time() - c0
@@ -483,6 +493,31 @@ def export(model, out_dir: Path, *, arch: dict[str, Any], train_info: dict[str, 
     return card
 
 
+def _phase_text(p: dict[str, Any]) -> str:
+    if "steps" not in p:
+        t = p.get("training", {})
+        inner = "; ".join(_phase_text(q) for q in t.get("phases", [])) or f"{t.get('steps')} steps, seeds {t.get('train_seeds')}"
+        return f"initial weights from {p.get('from')} ({inner}; {t.get('train_seconds')} s wall, {t.get('train_cpu_seconds')} CPU-s)"
+    return (f"{p['phase']}: {p['steps']} steps, lr {p['lr']}, seeds {p['seeds'][0]}-{p['seeds'][-1]}, class weights "
+            f"{p['class_weights'] or 'uniform'}, {p['seconds']} s wall, {p['cpu_seconds']} CPU-s")
+
+
+def _totals(tr: dict[str, Any]) -> tuple[int, float, float]:
+    """(steps, wall s, CPU s) of a training record, earlier runs it started from included."""
+    steps, wall, cpu = 0, 0.0, 0.0
+    for p in tr.get("phases", []):
+        if "steps" in p:
+            steps, wall, cpu = steps + int(p["steps"]), wall + float(p["seconds"]), cpu + float(p["cpu_seconds"])
+        else:
+            t = p.get("training", {})
+            if t.get("phases"):
+                s2, w2, c2 = _totals(t)
+            else:
+                s2, w2, c2 = int(t.get("steps", 0)), float(t.get("train_seconds", 0.0)), float(t.get("train_cpu_seconds", 0.0))
+            steps, wall, cpu = steps + s2, wall + w2, cpu + c2
+    return steps, wall, cpu
+
+
 def write_readme(out_dir: Path, card: Any) -> None:
     """A human-readable README.md beside the model (the card stays the machine-readable truth)."""
     inf = card.model_extra.get("inference", {})
@@ -524,8 +559,11 @@ def write_readme(out_dir: Path, card: Any) -> None:
         f"artefact rates x{tr.get('train_artefact_density')}, hot pixels x{tr.get('train_hot_pixel_density')}), validation seed {tr.get('validation', {}).get('seed')} "
         f"({tr.get('validation', {}).get('band_images')} band images at the default rates). {tr.get('steps')} steps of "
         f"{tr.get('batch')} crops of {tr.get('crop')} px, {tr.get('optimizer')}, {tr.get('loss')}; {tr.get('sampling')}. "
-        f"Training took {tr.get('train_seconds')} s wall-clock, {tr.get('train_cpu_seconds')} CPU-s, on "
-        f"{tr.get('torch_threads')} torch thread(s) (torch {tr.get('torch')}); data simulation {tr.get('data_seconds')} s.", "",
+        "Phases: " + "; ".join(_phase_text(p) for p in tr.get("phases", [])) + ". "
+        f"This run: {tr.get('train_seconds')} s wall-clock, {tr.get('train_cpu_seconds')} CPU-s, on "
+        f"{tr.get('torch_threads')} torch thread(s) (torch {tr.get('torch')}); data simulation {tr.get('data_seconds')} s. "
+        "All phases together (earlier runs it started from included): {} steps, {:.0f} s wall-clock ({:.1f} min), "
+        "{:.0f} CPU-s ({:.1f} CPU-min).".format(*(lambda t: (t[0], t[1], t[1] / 60, t[2], t[2] / 60))(_totals(tr))), "",
         f"Command: `{tr.get('command')}`", "",
         f"ONNX Runtime vs torch on fresh inputs: max |diff| = {card.model_extra.get('onnx_vs_torch_max_abs_diff'):.2e}. "
         f"sha256 of model.onnx: `{card.sha256}`.", "",
@@ -539,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="surveypipe train artefacts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(MODEL_DIR), help="model directory to write (model.onnx, card.json, README.md)")
     ap.add_argument("--work", default="out/train/artefacts", help="where the simulated releases are kept (reused)")
-    ap.add_argument("--train-seeds", default="1000-1005", help="training release seeds (range a-b or list a,b)")
+    ap.add_argument("--train-seeds", default="1000-1011", help="training release seeds (range a-b or list a,b)")
     ap.add_argument("--train-tiles", type=int, default=4, help="tiles per training release")
     ap.add_argument("--train-size", type=int, default=512, help="training tile side (px)")
     ap.add_argument("--train-density", type=float, default=2.0, help="artefact rates in training tiles, x default")
@@ -548,7 +586,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--val-tiles", type=int, default=4)
     ap.add_argument("--val-size", type=int, default=1024)
     ap.add_argument("--bands", default="ugrizy")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=4000, help="steps of the general phase")
+    ap.add_argument("--finetune-steps", type=int, default=1500, help="steps of the second phase (spikes vs trails)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--init", default=None, help="start from this state_dict (e.g. --init out/train/artefacts/model.pt "
+                                                 "--steps 0 continues an earlier run with its fine-tuning phase)")
+    ap.add_argument("--init-card", default=None, help="card.json of the run that made --init (its training record is kept)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=160)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -575,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_seed(a.val_seed, "validation")
     if a.quick:
         seeds, a.train_tiles, a.train_size, a.bands = seeds[:1], 1, 128, a.bands[:1] if a.bands else "r"
+        a.finetune_steps = min(a.finetune_steps, 2)
     t0 = time.perf_counter()
     images: list[BandImage] = []
     for s in seeds:
@@ -591,21 +635,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"train artefacts: {len(images)} training band images ({npix / 1e6:.1f} MPix), {len(val)} validation; "
         f"data {t_data:.0f} s")
     crop = min(a.crop, min(min(im.truth.shape) for im in images))
-    model, t_train, cpu_train = train_model(images, steps=a.steps, batch=a.batch, crop=crop, lr=a.lr, seed=seeds[0],
-                                            arch=arch, log=log)
-    log(f"train artefacts: {a.steps} steps in {t_train:.0f} s wall ({t_train / 60:.1f} min), {cpu_train:.0f} CPU-s "
-        f"({cpu_train / 60:.1f} CPU-min), {a.threads} torch thread(s)")
+    model = build_model(arch)
+    phases: list[dict[str, Any]] = []
+    if a.init:
+        model.load_state_dict(torch.load(a.init, map_location="cpu"))
+        prev = json.loads(Path(a.init_card).read_text()).get("training", {}) if a.init_card else {}
+        phases.append({"phase": "initial weights", "from": a.init, "training": prev})
+        log(f"train artefacts: starting from {a.init}")
+    t_train = cpu_train = 0.0
+    common = dict(batch=a.batch, crop=crop, arch=arch, log=log, model=model)
+    if a.steps:
+        model, tw, tc = train_model(images, steps=a.steps, lr=a.lr, seed=seeds[0], **common)
+        common["model"] = model
+        t_train, cpu_train = t_train + tw, cpu_train + tc
+        phases.append({"phase": "general", "seeds": seeds, "steps": a.steps, "lr": a.lr, "focus": 0.5,
+                       "class_weights": {}, "pos_weight": POS_WEIGHT, "seconds": round(tw, 1), "cpu_seconds": round(tc, 1)})
+        log(f"train artefacts: {a.steps} steps in {tw:.0f} s wall ({tw / 60:.1f} min), {tc:.0f} CPU-s "
+            f"({tc / 60:.1f} CPU-min), {a.threads} torch thread(s)")
+    if a.finetune_steps:
+        model, tw, tc = train_model(images, steps=a.finetune_steps, lr=a.finetune_lr, seed=seeds[0] + 1, focus=0.6,
+                                    class_weights=FINETUNE_CLASS_WEIGHTS, pos_weight=FINETUNE_POS_WEIGHT,
+                                    pct_start=0.05, tag="finetune", **common)
+        t_train, cpu_train = t_train + tw, cpu_train + tc
+        phases.append({"phase": "fine-tune (spikes vs trails)", "seeds": seeds, "steps": a.finetune_steps,
+                       "lr": a.finetune_lr, "focus": 0.6, "class_weights": FINETUNE_CLASS_WEIGHTS,
+                       "pos_weight": {**POS_WEIGHT, **FINETUNE_POS_WEIGHT}, "seconds": round(tw, 1),
+                       "cpu_seconds": round(tc, 1)})
+        log(f"train artefacts: fine-tuning {a.finetune_steps} steps in {tw:.0f} s wall ({tw / 60:.1f} min), {tc:.0f} CPU-s "
+            f"({tc / 60:.1f} CPU-min)")
+    model.eval()
     info = {
         "train_seeds": seeds, "train_tiles_per_seed": a.train_tiles, "train_tile_size": a.train_size, "bands": a.bands,
         "train_band_images": len(images), "train_mpix": round(npix / 1e6, 2), "train_artefact_density": a.train_density,
         "train_hot_pixel_density": a.train_hot_pixel_density,
         "validation": {"seed": a.val_seed, "tiles": a.val_tiles, "size": a.val_size, "band_images": len(val),
                        "artefact_density": 1.0},
-        "steps": a.steps, "batch": a.batch, "crop": crop, "lr": a.lr, "optimizer": "AdamW + OneCycle",
-        "loss": f"per-class BCE (pos_weight {POS_WEIGHT}) + {DICE_WEIGHT} x soft Dice per class", "sampling": "50 % crops centred on a random class's pixel; x/y flips; "
-        "30 % of crops with saturated pixels masked as bad", "torch_threads": a.threads,
-        "train_seconds": round(t_train, 1), "train_cpu_seconds": round(cpu_train, 1), "data_seconds": round(t_data, 1), "torch": torch.__version__,
-        "code": "workflows/train/artefacts.py", "command": "surveypipe train artefacts " + " ".join(argv or sys.argv[1:]),
+        "steps": a.steps + a.finetune_steps, "phases": phases, "batch": a.batch, "crop": crop, "lr": a.lr,
+        "optimizer": "AdamW + OneCycle per phase",
+        "loss": f"per-class BCE (pos_weight per phase) + {DICE_WEIGHT} x soft Dice per class",
+        "sampling": "a fraction of the crops centred on a pixel of a class drawn with the phase's class weights; "
+                    "x/y flips; 30 % of crops with saturated pixels masked as bad", "torch_threads": a.threads,
+        "train_seconds": round(t_train, 1), "train_cpu_seconds": round(cpu_train, 1), "data_seconds": round(t_data, 1),
+        "torch": torch.__version__, "code": "workflows/train/artefacts.py",
+        "command": "surveypipe train artefacts " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     work.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), work / "model.pt")  # for the PyTorch timing of the benchmark

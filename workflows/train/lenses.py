@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--field", type=int, default=S.FIELD, help="mosaic field side (pixels)")
     p.add_argument("--pool", type=int, default=None, help="candidate population side (pixels; default: by set size)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="simulated sets are cached here")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--tta", type=int, default=8, choices=[1, 2, 4, 8], help="symmetries averaged at inference")
     p.add_argument("--widths", default="16,32,64,96", help="channels of the conv blocks")
     p.add_argument("--batch", type=int, default=128)
@@ -209,7 +209,8 @@ def write_readme(out: Path, card: Any) -> None:
              "## Training", "", f"- lenses: {t.get('lenses')}", f"- set: {t.get('counts')} ({t.get('n_stamps')} stamps), "
              f"training lenses with lensed-source S/N >= {t.get('min_lens_snr')}",
              f"- {t.get('epochs')} epochs ({t.get('steps')} steps) on {t.get('threads')} CPU thread(s): "
-             f"{t.get('train_seconds')} s training ({t.get('train_cpu_seconds')} s CPU), {t.get('simulate_seconds')} s simulation", "",
+             f"{t.get('train_seconds')} s training" + (f" ({t['train_cpu_seconds']} s CPU)" if t.get("train_cpu_seconds") else "")
+             + f", {t.get('simulate_seconds')} s simulation" + (f" ({t['simulation_note']})" if t.get("simulation_note") else ""), "",
              "## Validation metrics", "", f"{m.get('holdout')}", "",
              f"- ROC AUC {m.get('roc_auc')}; TPR at FPR 1 % {m.get('tpr_at_fpr_0.01')}, at 0.1 % {m.get('tpr_at_fpr_0.001')}; "
              f"TPR0 {m.get('tpr0')}, TPR10 {m.get('tpr10')} (on {m.get('n_neg')} negatives)",

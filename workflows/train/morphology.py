@@ -207,7 +207,8 @@ def write_readme(out: Path, card: Any) -> None:
              f"- data: {t.get('data')}; seed {t.get('seed')}, {t.get('n_tiles')} tiles, {t.get('n_stamps')} stamps "
              f"{t.get('class_counts')}",
              f"- {t.get('epochs')} epochs ({t.get('steps')} steps) on {t.get('threads')} CPU thread(s): "
-             f"{t.get('train_seconds')} s training ({t.get('train_cpu_seconds')} s CPU), {t.get('simulate_seconds')} s simulation; temperature {t.get('temperature')}",
+             f"{t.get('train_seconds')} s training" + (f" ({t['train_cpu_seconds']} s CPU)" if t.get("train_cpu_seconds") else "")
+             + f", {t.get('simulate_seconds')} s simulation" + (f" ({t['simulation_note']})" if t.get("simulation_note") else "") + f"; temperature {t.get('temperature')}",
              "", "## Held-out metrics", "", f"{m.get('holdout')}", "",
              f"- accuracy {m.get('accuracy')} (n={m.get('n')}); bright galaxies ({m.get('bright_definition')}): "
              f"{m.get('accuracy_galaxies_bright')} (n={m.get('n_galaxies_bright')})",

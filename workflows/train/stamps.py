@@ -152,6 +152,20 @@ class MorphSet:
         return MorphSet(**{k: np.concatenate([getattr(s, k) for s in sets]) for k in keys}, meta=dict(sets[0].meta))
 
 
+def _source_hash(cls: type) -> str:
+    """sha256 of the source of the module defining ``cls`` (a stage edited without a version bump
+    still invalidates the cached stamps)."""
+    import hashlib
+    import inspect
+    import sys
+
+    try:
+        src = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return "?"
+    return hashlib.sha256(src.encode()).hexdigest()[:12]
+
+
 def simulate_release(workdir: Path, seed: int, n_tiles: int, size: int, bands: str = BANDS) -> Path:
     """A mock release in ``workdir`` (re-used when one with the same arguments is already there)."""
     from workflows.mock.release import write_release
@@ -211,7 +225,8 @@ def morphology_set(workdir: Path, seed: int, purpose: str, *, n_tiles: int, spec
 
     key = json.dumps({"seed": int(seed), "n_tiles": int(n_tiles), "tile_size": int(tile_size), "size": spec.size,
                       "bands": list(spec.bands), "norm": dict(spec.normalisation), "min_snr": float(min_snr),
-                      "stages": [[s.name, s.version] for s in stages.CLASSICAL_STAGES]}, sort_keys=True)
+                      "stages": [[s.name, s.version, _source_hash(type(s) if not isinstance(s, type) else s)]
+                                 for s in stages.CLASSICAL_STAGES]}, sort_keys=True)
     import hashlib
 
     cache = Path(workdir) / f"stamps-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
@@ -667,12 +682,19 @@ def augment(xb, rng: np.random.Generator):
 
 def fit(model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int = 128, lr: float = 2e-3, seed: int = 0,
         weight_decay: float = 1e-4, x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
-        max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train with Adam + cosine decay and cross-entropy; returns a small log (losses, seconds)."""
+        max_steps: int | None = None, progress: bool = True, val_max: int = 1000) -> dict[str, Any]:
+    """Train with AdamW + one-cycle schedule and cross-entropy; returns a small log (losses, seconds).
+
+    The per-epoch validation loss is measured on at most ``val_max`` validation stamps (a fixed
+    random subset), to keep its cost small next to the training steps.
+    """
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    if x_val is not None and y_val is not None and len(y_val) > val_max:
+        keep = np.sort(np.random.default_rng(seed + 1).choice(len(y_val), val_max, replace=False))
+        x_val, y_val = x_val[keep], y_val[keep]
     n = len(y)
     steps_per_epoch = max(1, n // batch)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
