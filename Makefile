@@ -37,7 +37,7 @@ system-packages:
 
 run: install
 	@if [ ! -f $(DEMO)/manifest.yaml ]; then \
-	  $(SP) simulate --out $(DEMO) --tiles 4 --size 1024 --bands ugrizy --seed 42; fi
+	  $(SP) simulate --out $(DEMO) --tiles 4 --size 1024 --bands ugrizy --seed 42 --artefacts; fi
 	$(SP) run $(DEMO)/manifest.yaml --out $(DEMO_OUT) $(if $(WORKERS),--workers $(WORKERS))
 	$(SP) status $(DEMO_OUT)
 	$(SP) export $(DEMO_OUT) --format parquet --to $(DEMO_OUT)/catalog.parquet
@@ -60,7 +60,9 @@ bench: install-dev
 	$(SP) bench performance --out $(BENCH_OUT)/performance
 
 models: install-dev
-	$(SP) train artefacts --out stages/models/artefacts
+	$(SP) train artefacts --out out/train/artefacts/m2 --train-seeds 1000-1005 --finetune-steps 0 && \
+	  $(SP) train artefacts --out out/train/artefacts/m3 --init out/train/artefacts/m2/model.pt --init-card out/train/artefacts/m2/card.json --steps 0 && \
+	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt --init-card out/train/artefacts/m3/card.json --steps 0
 	$(SP) train photoz --mock --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
 	$(SP) train lenses --out stages/models/lenses

@@ -173,7 +173,7 @@ def rerun(manifest, out, tiles, from_stage, workers, cluster, scheduler, jobqueu
               help="also list tiles of this manifest not yet processed (pending)")
 @click.option("--json", "as_json", is_flag=True, help="print per-tile status as JSON")
 def status(out, manifest, as_json):
-    """Per-tile status of a run directory: complete, failed (with the reason) or pending."""
+    """Per-tile status of a run directory: complete, partial (with caveats), failed (with the reason) or pending."""
     from .execute import tile_status
     from .manifest import load_manifest
 
@@ -184,6 +184,8 @@ def status(out, manifest, as_json):
     click.echo(f"run {out} (release {st['release']}): " + ", ".join(f"{k}: {v}" for k, v in sorted(st["counts"].items())))
     for tid, rec in st["tiles"].items():
         extra = f"  [{rec.get('kind')}] {rec.get('error')}" if rec["status"] == "failed" else ""
+        if rec["status"] == "partial":
+            extra = "  caveats: " + "; ".join(rec.get("caveats", []))
         click.echo(f"  {tid:20s} {rec['status']}{extra}")
 
 

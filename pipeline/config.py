@@ -27,6 +27,8 @@ class PipelineConfig(BaseModel):
     targets: list[str] | None = Field(None, description="products or stages to make; None = everything")
     stage_config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-stage config overrides")
     retries: int = Field(2, ge=0, le=10, description="retries of a tile after an infrastructure failure")
+    memory_escalations: int = Field(2, ge=0, le=5, description="after an out-of-memory failure, retry the tile "
+                                    "up to this many times, each on a worker with twice the memory")
     device: str | None = Field(None, pattern="^(auto|cpu|cuda)$",
                                description="ONNX device for every stage that has a 'device' setting")
 

@@ -18,6 +18,7 @@ from . import __version__
 from .config import PipelineConfig
 from .dag import Dag
 from .manifest import Manifest
+from .memory import MEMORY_RESOURCE, base_memory, ensure_memory_worker, is_memory_failure
 from .stage import Stage
 from .runner import _failure, process_tile
 from .store import CatalogStore
@@ -31,6 +32,7 @@ class RunSummary:
     """What a run did: tiles done, skipped and failed (with their error records), and time."""
 
     done: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)  # done, with caveats (a subset of ``done``)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -43,14 +45,17 @@ class RunSummary:
         return EXIT_SOME_FAILED if (self.done or self.skipped) else EXIT_NONE_DONE
 
     def as_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
+        return {"done": self.done, "partial": self.partial, "skipped": self.skipped, "failed": self.failed,
                 "seconds": round(self.seconds, 3), "exit_code": self.exit_code}
 
     def text(self) -> str:
-        lines = [f"tiles done: {len(self.done)}, skipped (already complete): {len(self.skipped)}, "
+        lines = [f"tiles done: {len(self.done)} ({len(self.partial)} partial, with caveats), skipped (already complete): {len(self.skipped)}, "
                  f"failed: {len(self.failed)}, wall time: {self.seconds:.1f} s"]
         for tid, rec in sorted(self.failed.items()):
             lines.append(f"  FAILED {tid} [{rec.get('kind')}] {rec.get('error')}")
+        for rec in self.records:
+            if rec.get("tile") in self.partial:
+                lines.append(f"  PARTIAL {rec['tile']}: " + "; ".join(rec.get("caveats", [])))
         return "\n".join(lines)
 
 
@@ -130,6 +135,7 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
         segs = [({}, [s.name for s in plan])]
     elif CPU_RESOURCE in available:  # keep plain stages off the GPU workers when CPU ones say so
         segs = [(res or {CPU_RESOURCE: 1}, names) for res, names in segs]
+    by_key: dict[str, str] = {}
     futures = []
     for tid in selected:
         one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
@@ -141,18 +147,42 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
                                  key=f"tile-{tid}-{token}-{i}", pure=False, retries=config.retries,
                                  resources=res or None)
         futures.append(prev)
+        by_key[prev.key] = tid
     bar = _progress(len(futures), progress)
-    by_key = {f.key: tid for f, tid in zip(futures, selected)}
-    for fut in as_completed(futures):
+    base_mem = base_memory(client) if config.memory_escalations else 0.0
+    escalations: dict[str, int] = {}
+    pending = as_completed(futures)
+    for fut in pending:
         tid = by_key[fut.key]
         try:
             rec = fut.result()
         except Exception as exc:  # retries exhausted: lost workers, I/O, memory
-            rec = _failure(tid, "infrastructure", f"{type(exc).__name__}: {exc}", stage=None)
+            level = escalations.get(tid, 0)
+            if is_memory_failure(exc) and base_mem > 0 and level < config.memory_escalations:
+                need = base_mem * 2 ** (level + 1)
+                if ensure_memory_worker(client, need):  # one task for the whole tile, checkpoint reused
+                    escalations[tid] = level + 1
+                    one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
+                    retry = client.submit(process_tile, one, tid, config, str(out_dir), from_stage=from_stage,
+                                          force=force, key=f"tile-{tid}-{token}-mem{level + 1}", pure=False,
+                                          retries=config.retries, resources={MEMORY_RESOURCE: need})
+                    by_key[retry.key] = tid
+                    pending.add(retry)
+                    fut.release()
+                    continue
+            why = "out of memory" if is_memory_failure(exc) else "infrastructure failure"
+            rec = _failure(tid, "infrastructure", f"{why} after {config.retries} retr(y/ies)"
+                           + (f" and {escalations[tid]} memory escalation(s) (last {base_mem * 2 ** escalations[tid] / 1e9:.2f} GB)"
+                              if escalations.get(tid) else "") + f": {type(exc).__name__}: {exc}", stage=None)
+        if escalations.get(tid):
+            rec["memory_escalations"] = escalations[tid]
+            rec["memory_bytes"] = base_mem * 2 ** escalations[tid]
         summary.records.append(rec)
         status = rec["status"]
         if status == "complete":
             summary.done.append(tid)
+            if rec.get("caveats"):
+                summary.partial.append(tid)
         elif status == "skipped":
             summary.skipped.append(tid)
         else:
@@ -165,6 +195,7 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
         fut.release()
     bar.close()
     summary.done.sort()
+    summary.partial.sort()
     summary.skipped.sort()
     summary.seconds = time.perf_counter() - t0
     runs = Path(out_dir) / "runs"
@@ -191,7 +222,9 @@ def tile_status(out_dir: str | Path, manifest: Manifest | None = None) -> dict[s
     tiles: dict[str, dict[str, Any]] = {}
     for tid in store.tile_ids():
         a = store.tile_attrs(tid) or {}
-        tiles[tid] = {"status": a.get("status", "unknown"),
+        status = a.get("status", "unknown")
+        tiles[tid] = {"status": "partial" if status == "complete" and a.get("caveats") else status,
+                      **({"caveats": a["caveats"]} if a.get("caveats") else {}),
                       "seconds": round(sum(s.get("seconds", 0) for s in a.get("stages", {}).values()), 3),
                       "stages": {k: {"version": v.get("version"), "reused": v.get("reused", False)}
                                  for k, v in a.get("stages", {}).items()}}

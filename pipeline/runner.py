@@ -23,7 +23,7 @@ from .config import PipelineConfig
 from .dag import Dag
 from .errors import AlgorithmError, BadInputError, SurveypipeError
 from .manifest import Manifest
-from .stage import Stage, cache_key, config_hash, model_sha256
+from .stage import CAVEATS, Stage, cache_key, config_hash, model_sha256
 from .store import CatalogStore
 from .tile import TileData, load_tile
 
@@ -138,6 +138,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 raise
             except Exception as exc:  # a bug or numerical failure in the stage: not retried
                 raise AlgorithmError(f"stage {s.name!r} failed on tile {tile_id!r}: {type(exc).__name__}: {exc}") from exc
+            caveats = [str(c) for c in (out.pop(CAVEATS, None) or [])]
             missing = set(s.provides) - set(out)
             if missing:
                 raise AlgorithmError(f"stage {s.name!r} did not return {sorted(missing)}")
@@ -147,7 +148,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 "config": cfgs[s.name].model_dump(mode="json"), "config_hash": config_hash(cfgs[s.name]),
                 "models": {str(p.name): model_sha256(p) for p in s.model_files(cfgs[s.name])},
                 "seconds": round(time.perf_counter() - ts, 4), "cpu_seconds": round(time.process_time() - cpu0, 4),
-                "reused": False,
+                "reused": False, **({"caveats": caveats} if caveats else {}),
             }
         current = None
         # products to store: everything non-transient of the plan, reused ones carried over
@@ -161,6 +162,10 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 to_store[p] = products[p]
         t_write = time.perf_counter()
         old = committed or checkpoint or {}
+        caveats = list(tile.caveats if tile else old.get("input_caveats", []))
+        input_caveats = list(caveats)
+        for name, rec in record.items():
+            caveats += [f"{name}: {c}" for c in rec.get("caveats", [])] if not name.startswith("_") else []
         attrs = {
             "tile_id": tile_id,
             "config_digest": digest,
@@ -173,6 +178,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
             "shape": list(tile.shape) if tile else old.get("shape"),
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "timings": {"read": record.get("_read", {}).get("seconds", 0.0)},
+            "outcome": "partial" if caveats else "complete", "caveats": caveats, "input_caveats": input_caveats,
         }
         if final and [s.name for s in plan] != [s.name for s in full_plan]:
             raise AlgorithmError(f"tile {tile_id!r}: final task does not cover the whole plan")
@@ -190,7 +196,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
         return {"tile": tile_id, "status": "complete" if final else "checkpointed", "seconds": round(total, 3),
                 "write_seconds": round(write_s, 4), "read_seconds": attrs["timings"]["read"]
                 + (previous or {}).get("read_seconds", 0.0),
-                "stages": stage_times, "host": socket.gethostname(),
+                "stages": stage_times, "host": socket.gethostname(), "caveats": caveats,
                 "pids": [*(previous or {}).get("pids", []), os.getpid()],
                 "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     except BadInputError as exc:

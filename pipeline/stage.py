@@ -32,6 +32,9 @@ class ImageSet:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+CAVEATS = "_caveats"  # reserved output key of Stage.run: list of caveat sentences
+
+
 class Stage:
     """Base class of every science stage.
 
@@ -39,6 +42,10 @@ class Stage:
     ``provides`` maps each product to a one-line description; products listed in
     ``transient`` are passed downstream but not written to the store. ``optional`` inputs are
     wired when a stage of the graph provides them (e.g. the artefact mask), else absent.
+
+    A stage that succeeds with a reservation (a band it needed is missing, a limit it had to
+    work around) returns a list of short sentences under the key :data:`CAVEATS`; the tile is
+    then a *partial success*: committed, but with ``caveats`` in its provenance and status.
     """
 
     name: ClassVar[str]

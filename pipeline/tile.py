@@ -57,6 +57,7 @@ class TileData:
     inner: InnerRegion | None
     files: dict[str, str] = field(default_factory=dict)
     checksums: dict[str, str] = field(default_factory=dict)
+    caveats: list[str] = field(default_factory=list)  # processable, with a reservation (missing band)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -428,4 +429,6 @@ def load_tile(manifest: Manifest, spec: TileSpec, bands: list[str] | None = None
             if q is not None:
                 sums.setdefault(str(q.path), file_sha256(q.path))
     ref_wcs["NAXIS1"], ref_wcs["NAXIS2"] = ref.image.shape[1], ref.image.shape[0]
-    return TileData(tile, want, image, weight, bad, headers, ref_wcs, spec.inner, files, sums)
+    caveats = [f"band {b} missing from the tile (no file in the manifest): its columns are absent"
+               for b in (bands or manifest.bands) if b not in spec.files]
+    return TileData(tile, want, image, weight, bad, headers, ref_wcs, spec.inner, files, sums, caveats)

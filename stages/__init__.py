@@ -1,4 +1,5 @@
 """surveypipe science stages: one module per stage, no Dask, Zarr or CLI here."""
+from .artefacts import Artefacts
 from .background import Background
 from .deblending import Deblending
 from .detection import Detection
@@ -8,7 +9,7 @@ from .photometry import Photometry
 from .photoz import PhotoZ
 
 CLASSICAL_STAGES = [Background, Detection, Deblending, Photometry]
-# the artefact stage joins (first) once its model is shipped: see issue 4
-DEFAULT_STAGES = [*CLASSICAL_STAGES, PhotoZ, Morphology, Lenses]
+# artefact segmentation first: background, detection and photometry take its mask when it is there
+DEFAULT_STAGES = [Artefacts, *CLASSICAL_STAGES, PhotoZ, Morphology, Lenses]
 
-__all__ = ["Background", "Detection", "Deblending", "Photometry", "PhotoZ", "Morphology", "Lenses", "CLASSICAL_STAGES", "DEFAULT_STAGES"]
+__all__ = ["Artefacts", "Background", "Detection", "Deblending", "Photometry", "PhotoZ", "Morphology", "Lenses", "CLASSICAL_STAGES", "DEFAULT_STAGES"]

@@ -29,7 +29,7 @@ import sep
 from pydantic import Field
 from scipy import ndimage as ndi
 
-from pipeline.stage import ImageSet, Stage, StageConfig
+from pipeline.stage import CAVEATS, ImageSet, Stage, StageConfig
 from pipeline.table import Table
 
 from .flags import OBJECT_FLAGS
@@ -214,6 +214,10 @@ class Detection(Stage):
         t.attrs.update({"filter_fwhm_pix": round(float(fwhm), 4), "thresh_sigma": config.thresh, "bands": bands,
                         "n_footprints": int(nfoot), "flag_bits": OBJECT_FLAGS.as_attrs()})
         seg_planes = {"footprint": foot.astype(np.int32), "sep": seg.astype(np.int32)}
-        return {"detections": t,
-                "segmentation": ImageSet(seg_planes, {"footprint": "footprint number (1-based), 0 = sky",
-                                                      "sep": "row of detections + 1, 0 = sky"})}
+        out: dict[str, Any] = {"detections": t,
+                               "segmentation": ImageSet(seg_planes, {"footprint": "footprint number (1-based), 0 = sky",
+                                                                     "sep": "row of detections + 1, 0 = sky"})}
+        if extra & OBJECT_FLAGS["deblend_overflow"]:
+            out[CAVEATS] = ["sep deblending overflowed: limits raised or sep deblending switched off "
+                            "(every object flagged deblend_overflow)"]
+        return out

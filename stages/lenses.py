@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from pipeline.bits import Bit, BitRegistry
 from pipeline.errors import ConfigError
 from pipeline.modelcard import CARD_NAME
-from pipeline.stage import Stage, StageConfig
+from pipeline.stage import CAVEATS, Stage, StageConfig
 from pipeline.table import Table
 
 from .morphology import check_tile, copy_stamp_flags, finite_positions, load_stamp_model, score_stamps
@@ -152,4 +152,8 @@ class Lenses(Stage):
         t.attrs.update({"lens_model": f"{card.name} v{card.version}", "lens_model_sha256": card.sha256,
                         "lens_bands": list(spec.bands), "lens_stamp_size": spec.size, "lens_selection": used,
                         "lens_n_candidates": int(rows.size), "lens_flag_bits": LENS_FLAGS.as_attrs()})
-        return {"lenses": t}
+        out: dict[str, Any] = {"lenses": t}
+        if not has_bands or used.get("missing_bands"):
+            need = sorted(set(spec.bands) - set(tile.bands)) or used.get("missing_bands")
+            out[CAVEATS] = [f"not scored: band(s) {need} missing (lens_flags missing_band)"]
+        return out

@@ -30,7 +30,7 @@ from pipeline.bits import Bit, BitRegistry
 from pipeline.cutouts import STAMP_FLAGS, CutoutSpec
 from pipeline.errors import BadInputError, ConfigError
 from pipeline.modelcard import CARD_NAME, ModelCard, load_card
-from pipeline.stage import Stage, StageConfig
+from pipeline.stage import CAVEATS, Stage, StageConfig
 from pipeline.table import Table
 
 log = logging.getLogger("surveypipe.stages.image_models")
@@ -239,4 +239,8 @@ class Morphology(Stage):
                         "morph_model_sha256": card.sha256, "morph_bands": list(spec.bands),
                         "morph_stamp_size": spec.size, "morph_min_snr": config.min_snr,
                         "morph_flag_bits": MORPH_FLAGS.as_attrs()})
-        return {"morphology": t}
+        out: dict[str, Any] = {"morphology": t}
+        if not has_bands:
+            out[CAVEATS] = [f"not scored: band(s) {sorted(set(spec.bands) - set(tile.bands))} missing "
+                            "(morph_flags missing_band)"]
+        return out

@@ -67,3 +67,58 @@ class GpuCopy(Stage):
         t.add("objectId", ids, "", "id")
         t.add("pid", np.full(len(ids), os.getpid(), np.int64), "", "worker pid")
         return {"gputable": t}
+
+
+class WarnConfig(StageConfig):
+    caveat: str = Field("objects near the edge were not measured", description="the caveat to report")
+
+
+class Warn(Stage):
+    """Copies objectId and reports a caveat: a partial success."""
+
+    name = "warn"
+    version = "1"
+    requires = ("objects",)
+    provides = {"warntable": "objectId copy"}
+    Config = WarnConfig
+
+    def run(self, inputs, config):
+        from pipeline.stage import CAVEATS
+
+        t = Table()
+        t.add("objectId", np.asarray(inputs["objects"]["objectId"]), "", "id")
+        return {"warntable": t, CAVEATS: [config.caveat]}
+
+
+class HogConfig(StageConfig):
+    need_mb: float = Field(600.0, gt=0, description="memory the stage needs (MB)")
+    allocate: bool = Field(False, description="really allocate and touch it (the nanny kills the worker) "
+                                              "instead of raising MemoryError on a smaller worker")
+    only_tile: str | None = Field(None, description="only this tile needs the memory")
+
+
+class Hog(Stage):
+    """Needs ``need_mb`` of worker memory: raises MemoryError (or really allocates) on a smaller worker."""
+
+    name = "hog"
+    version = "1"
+    requires = ("exposure", "objects")
+    provides = {"hogtable": "objectId copy + the memory limit of the worker that made it"}
+    Config = HogConfig
+
+    def run(self, inputs, config):
+        from distributed import get_worker
+
+        limit = float(get_worker().memory_manager.memory_limit or 0)
+        need = config.need_mb * 1e6 if config.only_tile in (None, inputs["exposure"].tile_id) else 0.0
+        if config.allocate:
+            block = np.ones(int(need // 8), np.float64)  # touched: resident
+            time.sleep(1.5)  # long enough for the nanny's memory monitor to see it
+            del block
+        elif need and limit and limit < need:
+            raise MemoryError(f"needs {need / 1e6:.0f} MB, the worker has {limit / 1e6:.0f} MB")
+        t = Table()
+        ids = np.asarray(inputs["objects"]["objectId"])
+        t.add("objectId", ids, "", "id")
+        t.add("worker_limit", np.full(len(ids), limit, np.float64), "B", "memory limit of the worker")
+        return {"hogtable": t}

@@ -309,6 +309,8 @@ def test_tile_missing_a_band_completes_without_it(matrix_run):
     _, out, _ = matrix_run
     t = CatalogStore(out).read_table("g-only", "objects")
     assert "g_kronFlux" in t and "r_kronFlux" not in t
+    st = tile_status(out)["tiles"]["g-only"]  # a partial success, saying which band is missing
+    assert st["status"] == "partial" and any("band r missing" in c for c in st["caveats"])
 
 
 def test_large_tile_completes(matrix_run):
