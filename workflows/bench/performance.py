@@ -135,19 +135,26 @@ def time_budget(summary: RunSummary, wall: float, workers: int) -> dict[str, flo
             "orchestration_share": max(0.0, capacity - read - write - compute) / capacity}
 
 
-def sextractor_seconds(manifest: Path, det_band: str) -> float | None:
-    """Wall seconds of SExtractor in dual-image mode over every tile and band of the release."""
-    try:
-        from workflows.bench.sextractor import run_dual_image
-    except ImportError:
-        return None
-    if not shutil.which("source-extractor"):
+def sextractor_seconds(manifest: Path, det_band: str, work: Path) -> float | None:
+    """Seconds of SExtractor's own processes (dual-image mode: detection on ``det_band``'s S/N
+    image, measurement in every band, default matched settings) over every tile of the release;
+    None when it is not installed. FITS writing for SExtractor is not counted."""
+    from workflows.bench import sextractor as sx
+    from pipeline.tile import load_tile
+
+    if sx.executable() is None:
         return None
     m = load_manifest(manifest)
-    t = time.perf_counter()
+    total = 0.0
     for spec in m.tiles:
-        run_dual_image(m, spec, det_band)
-    return time.perf_counter() - t
+        tile = load_tile(m, spec)
+        band = det_band if det_band in tile.bands else tile.bands[-1]
+        det = tile.image[band] * np.sqrt(tile.weight[band])
+        res = sx.run_dual(det, (~tile.bad[band]).astype(np.float32), tile.image, tile.weight, sx.Settings(),
+                          work / spec.id)
+        total += res.wall_s
+        shutil.rmtree(work / spec.id, ignore_errors=True)
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="stages:DEFAULT_STAGES", help="stage list (module:LIST)")
     ap.add_argument("--det-band", default="i", help="SExtractor detection band")
     ap.add_argument("--out", default="out/bench/performance")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "auto", "cuda"],
+                    help="ONNX Runtime device of the pipeline's model stages and of the model table")
+    ap.add_argument("--no-models", action="store_true", help="skip the ONNX Runtime vs PyTorch table")
     a = ap.parse_args(argv)
     check_seed(a.seed, "benchmark")
     out = Path(a.out)
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = simulate(out / "release", a.tiles, a.size, a.bands, a.seed)
     print(f"release: {a.tiles} tiles of {a.size}x{a.size} px in {len(a.bands)} bands (seed {a.seed}); "
           f"simulated/reused in {time.perf_counter() - t:.1f} s")
-    config = PipelineConfig(stages=a.stages)
+    config = PipelineConfig(stages=a.stages, device=a.device)
     mpix = a.tiles * a.size * a.size / 1e6
     mpix_band = mpix * len(a.bands)
     tile_pixel_bytes = a.size * a.size * len(a.bands) * 4
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmany small tiles: {a.small_tiles} tiles of {a.small_size}² on {nmax} workers: wall {wall:.1f} s, "
           f"task time {compute:.1f} s, per-task overhead {overhead * 1000:.0f} ms/tile")
     results["small_tiles"] = {"wall_s": wall, "task_s": compute, "overhead_s_per_tile": overhead}
-    sx = sextractor_seconds(manifest, a.det_band if a.det_band in a.bands else a.bands[-1])
+    sx = sextractor_seconds(manifest, a.det_band if a.det_band in a.bands else a.bands[-1], out / "sextractor")
     if sx is not None:
         print(f"\nSExtractor (dual-image, detection band {a.det_band}, all {len(a.bands)} bands, 1 core): {sx:.1f} s "
               f"= {sx / mpix_band:.4f} s/MPix/band")
@@ -239,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         results["ratio_pipeline"] = (total_s + read_s) / sx
     else:
         print("\nSExtractor: not available (install Debian's source-extractor: make system-packages)")
+    if not a.no_models:
+        from workflows.bench.model_speed import model_speeds, print_model_speeds
+
+        rows = model_speeds(a.device)
+        print_model_speeds(rows)
+        results["models"] = rows
     (out / "performance.json").write_text(json.dumps(results, indent=1, default=float))
     print(f"\nnumbers written to {out / 'performance.json'}")
     return 0
