@@ -1,12 +1,15 @@
 """Background and noise per band (sep's mesh background), the first classical stage.
 
 Per band: the unusable pixels (input mask, zero weight, and -- when the artefact stage runs --
-every pixel the artefact mask marks) are excluded; sep's mesh background (sigma-clipped mode per
+every pixel the artefact mask marks, its cosmic rays and hot pixels grown by ``artefact_grow``
+pixels) are excluded; sep's mesh background (sigma-clipped mode per
 mesh, median-filtered) is subtracted; the per-pixel noise is the weight map's (inverse variance,
 which for these data includes the sources' Poisson noise), and sep's global RMS is kept as a check
 of it. Saturated pixels are recognised as masked pixels connected to pixels near ``SATURATE``
 (the loader zeroes masked pixels, so saturation is inferred from the unmasked rim of each masked
-patch) or as unmasked pixels at or above ``SATURATE``.
+patch) or as unmasked pixels at or above ``SATURATE``. Saturation is inferred from the input mask
+alone, never from the artefact mask: a patch the artefact mask adds around a bright cosmic ray is
+not a saturated core (the detection stage fills saturated pixels at the saturation level).
 """
 from __future__ import annotations
 
@@ -52,10 +55,19 @@ class BackgroundConfig(StageConfig):
     mask_grow: int = Field(8, ge=0, le=256, description="growth of the source mask (pixels)")
     saturation_rim: float = Field(0.5, gt=0, le=1, description=(
         "a masked patch is saturated when an unmasked neighbour is brighter than this fraction of SATURATE"))
+    artefact_grow: int = Field(1, ge=0, le=16, description=(
+        "growth (pixels, 8-connected) of the artefact mask's sharp classes ('artefact_grow_classes') before they are "
+        "made bad: their wings below the mask's 1-sigma edge still add up in the matched-filtered detection image"))
+    artefact_grow_classes: tuple[str, ...] = Field(("cosmic_ray", "hot_pixel"), description=(
+        "artefact classes grown by 'artefact_grow' (classes of the mask's 'bits' attribute)"))
 
 
-def artefact_bad(artefacts: Any, band: str, shape: tuple[int, int]) -> np.ndarray | None:
-    """Pixels the optional artefact mask (ImageSet of uint16 per band) marks in ``band``, or None."""
+def artefact_bad(artefacts: Any, band: str, shape: tuple[int, int], grow: int = 0,
+                 grow_classes: tuple[str, ...] = ()) -> np.ndarray | None:
+    """Pixels the optional artefact mask (ImageSet of uint16 per band) marks in ``band``, or None.
+
+    The pixels of ``grow_classes`` (names of the mask's ``bits`` attribute, ``{class: bit index}``;
+    classes it lacks are ignored) are grown by ``grow`` pixels (8-connected)."""
     if artefacts is None:
         return None
     planes = getattr(artefacts, "planes", artefacts)
@@ -65,7 +77,26 @@ def artefact_bad(artefacts: Any, band: str, shape: tuple[int, int]) -> np.ndarra
     plane = np.asarray(plane)
     if plane.shape != shape:
         raise ValueError(f"artefact mask of band {band} has shape {plane.shape}, image {shape}")
-    return plane != 0
+    out = plane != 0
+    if grow > 0 and grow_classes:
+        sharp = artefact_class_pixels(artefacts, plane, grow_classes)
+        if sharp.any():
+            out |= ndi.binary_dilation(sharp, structure=np.ones((3, 3), bool), iterations=int(grow))
+    return out
+
+
+def artefact_class_pixels(artefacts: Any, plane: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """Pixels of one artefact bit plane marked with any of ``classes``, decoded with the mask's ``bits``
+    attribute (``{class: bit index}``; the artefact stage's registry when absent; unknown classes ignored)."""
+    bits = (getattr(artefacts, "attrs", None) or {}).get("bits")
+    if not bits:
+        from .artefacts import ARTEFACT_BITS
+
+        bits = ARTEFACT_BITS.as_attrs()
+    sel = sum(1 << int(bits[c]) for c in classes if c in bits)
+    if not sel:
+        return np.zeros(plane.shape, bool)
+    return (plane & np.asarray(sel).astype(plane.dtype)) != 0
 
 
 def saturated_pixels(image: np.ndarray, bad: np.ndarray, saturate: float | None, rim: float) -> np.ndarray:
@@ -158,15 +189,23 @@ class Background(Stage):
         planes = {}
         for band in tile.bands:
             img, bad, w = tile.image[band], tile.bad[band], tile.weight[band]
-            art = artefact_bad(artefacts, band, img.shape)
+            # saturation is inferred from the input mask alone, as without the artefact stage: the
+            # artefact mask covers bright non-stellar pixels (cosmic rays, hot pixels), and a masked
+            # patch touching one would otherwise be taken for a saturated core and filled at the
+            # saturation level by the detection stage (a strong spurious source)
+            sat = saturated_pixels(img, bad, tile.header.get(band, {}).get("SATURATE_NJY"), config.saturation_rim)
+            art = artefact_bad(artefacts, band, img.shape, config.artefact_grow, tuple(config.artefact_grow_classes))
             if art is not None:
+                if sat.any():  # nor is a pixel the mask calls a cosmic ray or hot pixel (and not saturation)
+                    plane = np.asarray(getattr(artefacts, "planes", artefacts)[band])
+                    sharp = artefact_class_pixels(artefacts, plane, ("cosmic_ray", "hot_pixel"))
+                    sat = sat & ~(sharp & ~artefact_class_pixels(artefacts, plane, ("saturation",)))
                 bad = bad | art
                 w = np.where(art, np.float32(0), w)
-            planes[band] = (img, bad, w)
-        src = source_mask(planes, config) if config.mask_sources else None
+            planes[band] = (img, bad, w, sat)
+        src = source_mask({b: p[:3] for b, p in planes.items()}, config) if config.mask_sources else None
         for band in tile.bands:
-            img, bad, w = planes[band]
-            sat = saturated_pixels(img, bad, tile.header.get(band, {}).get("SATURATE_NJY"), config.saturation_rim)
+            img, bad, w, sat = planes[band]
             mask = bad if src is None else (bad | src)
             bkg = sep.Background(img, mask=mask, bw=config.mesh, bh=config.mesh, fw=config.filter_size, fh=config.filter_size)
             sub = np.array(img, dtype=np.float32, copy=True)

@@ -25,11 +25,10 @@ from pydantic import Field, field_validator
 
 from pipeline.bits import Bit, BitRegistry
 from pipeline.errors import ConfigError
-from pipeline.modelcard import CARD_NAME
-from pipeline.stage import CAVEATS, Stage, StageConfig
+from pipeline.stage import CAVEATS, StageConfig
 from pipeline.table import Table
 
-from .morphology import check_tile, copy_stamp_flags, finite_positions, load_stamp_model, score_stamps
+from .morphology import StampModelStage, check_tile, copy_stamp_flags, finite_positions, load_stamp_model, score_stamps
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "lenses"
 NJY_ZEROPOINT = 31.4
@@ -101,23 +100,14 @@ def deflector_candidates(objects: Any, config: LensesConfig) -> tuple[np.ndarray
     return sel, used
 
 
-class Lenses(Stage):
+class Lenses(StampModelStage):
     """Lens scores (+ MC-dropout uncertainty) for the plausible deflectors of a tile."""
 
     name = "lenses"
     version = "1"
-    requires = ("exposure", "sky", "objects")
+    shipped_model = SHIPPED_MODEL
     provides = {"lenses": "strong-lens score per plausible deflector (CNN on multi-band stamps), with uncertainty"}
     Config = LensesConfig
-    resources: Mapping[str, float] = {}
-
-    @staticmethod
-    def model_dir(config: LensesConfig) -> Path:
-        return Path(config.model_dir) if config.model_dir else SHIPPED_MODEL
-
-    def model_files(self, config: LensesConfig) -> list[Path]:
-        d = self.model_dir(config)
-        return [d / "model.onnx", d / CARD_NAME]
 
     def run(self, inputs: Mapping[str, Any], config: LensesConfig) -> dict[str, Any]:
         tile, objects = inputs["exposure"], inputs["objects"]

@@ -171,25 +171,31 @@ def finite_positions(objects: Any) -> np.ndarray:
     return np.isfinite(np.asarray(objects["x"], np.float64)) & np.isfinite(np.asarray(objects["y"], np.float64))
 
 
-# ---------------------------------------------------------------- the stage
-class Morphology(Stage):
+# ---------------------------------------------------------------- the stages
+class StampModelStage(Stage):
+    """A stage that runs a cutout CNN (model.onnx + card) on the objects of a tile: where its model
+    lives (``config.model_dir``, else the shipped one) and which files decide its output."""
+
+    shipped_model: Path = SHIPPED_MODEL
+    requires = ("exposure", "sky", "objects")
+    resources: Mapping[str, float] = {}
+
+    def model_dir(self, config: Any) -> Path:
+        return Path(config.model_dir) if config.model_dir else self.shipped_model
+
+    def model_files(self, config: Any) -> list[Path]:
+        d = self.model_dir(config)
+        return [d / "model.onnx", d / CARD_NAME]
+
+
+class Morphology(StampModelStage):
     """Morphological class probabilities (+ MC-dropout uncertainty) for objects above an S/N cut."""
 
     name = "morphology"
     version = "1"
-    requires = ("exposure", "sky", "objects")
     provides = {"morphology": "morphological class probabilities per object (CNN on multi-band stamps), "
                               "with uncertainties and a star/galaxy probability"}
     Config = MorphologyConfig
-    resources: Mapping[str, float] = {}
-
-    @staticmethod
-    def model_dir(config: MorphologyConfig) -> Path:
-        return Path(config.model_dir) if config.model_dir else SHIPPED_MODEL
-
-    def model_files(self, config: MorphologyConfig) -> list[Path]:
-        d = self.model_dir(config)
-        return [d / "model.onnx", d / CARD_NAME]
 
     def run(self, inputs: Mapping[str, Any], config: MorphologyConfig) -> dict[str, Any]:
         tile, objects = inputs["exposure"], inputs["objects"]

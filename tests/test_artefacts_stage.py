@@ -192,3 +192,20 @@ def test_onnx_equals_torch_on_fresh_inputs(tmp_path):
                        dynamic_axes={"input": {0: "b", 2: "h", 3: "w"}, "prob": {0: "b", 2: "h", 3: "w"}})
     x = np.random.default_rng(9).normal(size=(2, 3, 96, 176)).astype(np.float32)
     assert max_abs_diff_onnx_torch(net, path, {"input": x}) < 1e-4
+
+
+def test_shipped_weights_are_those_of_the_onnx_model():
+    torch = pytest.importorskip("torch")
+    from pipeline.modelcard import load_card
+    from workflows.train.artefacts import build_model, with_sigmoid
+    from workflows.train.onnx_export import max_abs_diff_onnx_torch
+
+    card = load_card(MODEL_DIR)
+    arch = {k: v for k, v in card.model_extra["architecture"].items() if k in ("c0", "widths", "dilated_from")}
+    model = build_model(arch)
+    model.load_state_dict(torch.load(MODEL_DIR / "model.pt", map_location="cpu"))
+    model.eval()
+    rng = np.random.default_rng(11)
+    x = np.concatenate([np.arcsinh(rng.normal(0, 3, (1, 1, 96, 160))), rng.normal(0, 0.3, (1, 1, 96, 160)),
+                        (rng.random((1, 1, 96, 160)) < 0.01)], axis=1).astype(np.float32)
+    assert max_abs_diff_onnx_torch(with_sigmoid(model), card.onnx_path(MODEL_DIR), {"input": x}) < 1e-4

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = _parser().parse_args(argv)
     out = a.out or a.run / "lens_report"
-    model_dir = a.model or Lenses.model_dir(Lenses.Config())
+    model_dir = a.model or Lenses().model_dir(Lenses.Config())
     card, spec, sess = load_stamp_model(model_dir, "cpu")
     k_lens = card.classes.index("lens")
     cands = top_candidates(CatalogStore(a.run), a.top, a.min_score)

@@ -1,7 +1,7 @@
 """Benchmark of the artefact stage on held-out mock tiles (benchmark seeds 9000-9999, never tuned on).
 
-    surveypipe bench artefacts [--seed 9000] [--tiles 4] [--size 1024] [--bands ugrizy]
-                               [--model stages/models/artefacts] [--work out/bench/artefacts]
+    surveypipe bench artefacts [--out out/bench/artefacts] [--seed 9000] [--tiles 4] [--size 1024]
+                               [--bands ugrizy] [--model stages/models/artefacts] [--work DIR]
 
 Prints, per class: ROC AUC, precision, recall and IoU at the card's threshold, and the same within
 one pixel of the truth (tolerant scores, see :func:`workflows.train.artefacts.scores`); then
@@ -9,7 +9,10 @@ one pixel of the truth (tolerant scores, see :func:`workflows.train.artefacts.sc
 * spurious detections caused by artefacts, with and without the stage: the release is simulated
   twice with one seed, with and without artefacts (the sky and its noise are identical, the
   artefacts have their own random stream); a detection of the artefact tile with no detection of
-  the clean twin within 3 px is caused by artefacts. Detection is the pipeline's own
+  the clean twin within 3 px is caused by artefacts, and a clean-twin detection with no detection
+  of the artefact tile within 3 px is lost (artefacts also bias the sky: without the mask the
+  sources-and-cosmic-rays mask of the background stage grows and its sky estimate fails). Detection
+  is the pipeline's own
   (``stages.background.Background`` + ``stages.detection.Detection``), run without the mask
   and with it (given to every stage that takes ``masks/artefacts``; if detection does not take it
   yet, masked pixels are set bad per band in the sky, i.e. that band is dropped there);
@@ -119,15 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--bands", default="ugrizy")
     ap.add_argument("--model", default=str(MODEL_DIR))
-    ap.add_argument("--work", default="out/bench/artefacts")
+    ap.add_argument("--out", default="out/bench/artefacts", help="results directory (results.json; the simulated "
+                                                                "benchmark release is kept there too, unless --work)")
+    ap.add_argument("--work", default=None, help="where the simulated benchmark release is kept (default: --out)")
     ap.add_argument("--patch", type=int, default=2048, help="stage patch (core) size")
     ap.add_argument("--mosaic", type=int, default=4096, help="side of the mosaic (of benchmark band images) on which "
                                                             "the speed with patches is measured (0: skip)")
     ap.add_argument("--sigclip", default="3,4.5,6,8", help="astroscrappy sigclip values ('' = skip astroscrappy)")
-    ap.add_argument("--torch-weights", default="out/train/artefacts/model.pt",
-                    help="state_dict of the trained net for the PyTorch timing (if missing: the same architecture "
-                         "with random weights, which costs the same)")
-    ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--torch-weights", default=None,
+                    help="state_dict of the net for the PyTorch timing (default: model.pt beside the ONNX file in "
+                         "--model, the weights it was exported from; if missing: the same architecture with random "
+                         "weights, which costs the same)")
+    ap.add_argument("--json", default=None, help="write every figure to this JSON file (default: --out/results.json)")
     a = ap.parse_args(list(argv) if argv is not None else None)
 
     import torch
@@ -139,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.perf_counter()
-    work = Path(a.work)
+    work = Path(a.work or a.out)
+    a.json = a.json or str(Path(a.out) / "results.json")
     man = simulate(work / f"bench-{a.seed}-{a.tiles}x{a.size}", a.seed, n_tiles=a.tiles, size=a.size, bands=a.bands,
                    clean_twin=True)
     images, tiles = load_set(man, with_tiles=True)
@@ -301,9 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arch = {k: v for k, v in card.model_extra.get("architecture", {}).items() if k in ("c0", "widths", "dilated_from")}
     model = build_model(arch)
     weights = "random (same architecture and cost)"
-    if a.torch_weights and Path(a.torch_weights).exists():
-        model.load_state_dict(torch.load(a.torch_weights, map_location="cpu"))
-        weights = a.torch_weights
+    wpath = Path(a.torch_weights) if a.torch_weights else Path(a.model) / "model.pt"
+    if wpath.exists():
+        model.load_state_dict(torch.load(wpath, map_location="cpu"))
+        weights = str(wpath)
     net = with_sigmoid(model)
 
     def tfn(x: np.ndarray) -> np.ndarray:

@@ -265,7 +265,7 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
     from workflows.train import stamps as S
     from workflows.train.lenses import tpr_at_fpr, tpr_n_fp
 
-    model_dir = str(a.lens_model or Lenses.model_dir(Lenses.Config()))
+    model_dir = str(a.lens_model or Lenses().model_dir(Lenses.Config()))
     S.check_purpose(a.lens_seed, "benchmark")
     S.check_purpose(a.lens_seed + 2 * LENS_PARTS - 1, "benchmark")
     counts = {"lens": a.lenses, "ordinary": a.negatives, **{k: a.hard for k in S.HARD_KINDS}}

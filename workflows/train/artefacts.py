@@ -1,14 +1,27 @@
 """Train the artefact-segmentation U-Net on mock-survey tiles and ship it as ONNX with its card.
 
     surveypipe train artefacts [--out stages/models/artefacts] [--work out/train/artefacts]
-                               [--steps 3000] [--threads 2] [--quick]
+                               [--steps 4000] [--finetune-steps 1500] [--init W --init-card C]
+                               [--threads 1] [--quick]
+
+The shipped model is three runs, each continuing the previous one's weights (``model.pt``, written
+beside the ONNX file) with its card (the training record nests); ``make models`` runs them:
+
+    surveypipe train artefacts --out out/train/artefacts/m2 --train-seeds 1000-1005 --finetune-steps 0
+    surveypipe train artefacts --out out/train/artefacts/m3 --init out/train/artefacts/m2/model.pt \
+        --init-card out/train/artefacts/m2/card.json --steps 0
+    surveypipe train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt \
+        --init-card out/train/artefacts/m3/card.json --steps 0
+
+(4000 general steps on seeds 1000-1005, then twice 1500 fine-tuning steps, spikes vs trails, on
+seeds 1000-1011.)
 
 1. Simulates (or reuses, in ``--work``) training releases (seeds 1000-1999) whose tiles carry
    artefacts from :func:`workflows.mock.artefacts.inject_artefacts` at ``--train-density`` times the
    default rates, and a validation release (seed 2000-2999) at the default rates.
 2. Reads every band through the engine's tile loader (exactly what the stage sees), normalises it
    as the card says (:func:`stages.artefacts.normalise`).
-3. Trains :class:`LeanUNet` (one model for every band) on random 128 px crops, half of them
+3. Trains :class:`LeanUNet` (one model for every band) on random ``--crop`` px crops, half of them
    centred on an artefact pixel of a randomly chosen class; x/y flips (no transposes: bleed
    trails run along columns only); per-class binary cross-entropy.
 4. Exports ONNX (dynamic batch and spatial axes), checks ONNX Runtime against torch on fresh
@@ -240,7 +253,10 @@ class CropSampler:
         ts = np.empty((n, len(ARTEFACT_CLASSES), c, c), np.float32)
         for j in range(n):
             if self.present and rng.random() < self.focus:
-                k = self.present[int(rng.choice(len(self.present), p=self.present_p))]
+                if self.class_weights:
+                    k = self.present[int(rng.choice(len(self.present), p=self.present_p))]
+                else:  # uniform: the draw of the general phase of the shipped model (same random stream)
+                    k = self.present[int(rng.integers(len(self.present)))]
                 i, idx = self.where[k][int(rng.integers(len(self.where[k])))]
                 im = self.images[i]
                 cy, cx = np.unravel_index(int(idx[int(rng.integers(idx.size))]), im.truth.shape)
@@ -567,6 +583,9 @@ def write_readme(out_dir: Path, card: Any) -> None:
         f"Command: `{tr.get('command')}`", "",
         f"ONNX Runtime vs torch on fresh inputs: max |diff| = {card.model_extra.get('onnx_vs_torch_max_abs_diff'):.2e}. "
         f"sha256 of model.onnx: `{card.sha256}`.", "",
+        "`model.pt` is the PyTorch state_dict the ONNX file was exported from "
+        "(`workflows.train.artefacts.build_model(card architecture)`; the benchmark's PyTorch timing, `--init` of a "
+        "further run).", "",
         "The full card (every field) is `card.json`.", "",
     ]
     (Path(out_dir) / "README.md").write_text("\n".join(lines))
@@ -589,8 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4000, help="steps of the general phase")
     ap.add_argument("--finetune-steps", type=int, default=1500, help="steps of the second phase (spikes vs trails)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
-    ap.add_argument("--init", default=None, help="start from this state_dict (e.g. --init out/train/artefacts/model.pt "
-                                                 "--steps 0 continues an earlier run with its fine-tuning phase)")
+    ap.add_argument("--init", default=None, help="start from this state_dict (e.g. --init out/train/artefacts/m2/model.pt "
+                                                 "--steps 0 continues an earlier run with its fine-tuning phase; "
+                                                 "`make models` chains the shipped model's three runs so)")
     ap.add_argument("--init-card", default=None, help="card.json of the run that made --init (its training record is kept)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=160)
@@ -679,8 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__, "code": "workflows/train/artefacts.py",
         "command": "surveypipe train artefacts " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    work.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), work / "model.pt")  # for the PyTorch timing of the benchmark
+    # the weights beside the ONNX file: the PyTorch timing of the benchmark, and --init of a later run
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), Path(a.out) / "model.pt")
     card = export(model, Path(a.out), arch=arch, train_info=info, val=val, log=log)
     log(f"train artefacts: wrote {Path(a.out) / 'model.onnx'} ({(Path(a.out) / 'model.onnx').stat().st_size / 1e6:.2f} MB), "
         f"sha256 {card.sha256[:12]}; total {time.perf_counter() - t0:.0f} s")

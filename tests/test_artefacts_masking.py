@@ -1,0 +1,80 @@
+"""How the classical stages use the artefact mask: masked bright cosmic rays are neither detected nor
+taken for saturated cores, the sharp classes' wings are grown into the mask, and nothing changes
+without a mask."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.stage import ImageSet
+from stages import Background
+from stages.artefacts import ARTEFACT_BITS
+from stages.background import artefact_bad
+from test_stage_detection import run_stages, synthetic_tile
+
+SIZE = 128
+SAT = 20000.0
+
+
+def _cr_tile(peak: float = 15000.0, wing: float = 40.0):
+    """A star and, in r only, a 3x2 px cosmic ray brighter than half SATURATE with a faint 1-px rim."""
+    cr = {b: np.zeros((SIZE, SIZE)) for b in "gri"}
+    cr["r"][59:64, 89:93] = wing  # rim: below the mask's edge, still adds up in the matched filter
+    cr["r"][60:63, 90:92] = peak
+    tile = synthetic_tile([{"x": 30.2, "y": 30.6, "flux": 20000.0}], size=SIZE, saturate=SAT, extra=cr)
+    art = {b: np.zeros((SIZE, SIZE), np.uint16) for b in "gri"}
+    art["r"][60:63, 90:92] = ARTEFACT_BITS["cosmic_ray"]
+    return tile, ImageSet(art, {"bits": ARTEFACT_BITS.as_attrs()})
+
+
+def _near(det, x: float, y: float, r: float = 3.0) -> bool:
+    return bool(np.any(np.hypot(np.asarray(det["x"]) - x, np.asarray(det["y"]) - y) < r))
+
+
+def test_masked_bright_cosmic_ray_is_not_saturation_nor_a_detection():
+    tile, masks = _cr_tile()
+    without = run_stages(tile, upto="detection")
+    with_mask = run_stages(tile, upto="detection", artefacts=masks)
+    for b in "gri":  # saturation comes from the input mask alone: the same with and without the artefact mask
+        assert np.array_equal(with_mask["sky"].saturated[b], without["sky"].saturated[b])
+    assert not with_mask["sky"].saturated["r"][60:63, 90:92].any()
+    assert _near(without["detections"], 90.5, 61.0)
+    assert not _near(with_mask["detections"], 90.5, 61.0), "a masked cosmic ray must not be filled at SATURATE"
+    assert _near(with_mask["detections"], 30.2, 30.6), "the star is still detected"
+
+
+def test_masked_cosmic_ray_above_saturate_is_not_filled():
+    tile, masks = _cr_tile(peak=3 * SAT)  # clipped at SATURATE and masked by the input mask, as the mock does
+    assert tile.bad["r"][60:63, 90:92].all()
+    with_mask = run_stages(tile, upto="detection", artefacts=masks)
+    assert not with_mask["sky"].saturated["r"][60:63, 90:92].any()
+    assert not _near(with_mask["detections"], 90.5, 61.0)
+
+
+def test_sharp_classes_grown_by_one_pixel_others_not():
+    plane = np.zeros((32, 32), np.uint16)
+    plane[10, 10] = ARTEFACT_BITS["cosmic_ray"]
+    plane[20, 20] = ARTEFACT_BITS["hot_pixel"]
+    plane[5, :] = ARTEFACT_BITS["satellite_trail"]
+    masks = ImageSet({"r": plane}, {"bits": ARTEFACT_BITS.as_attrs()})
+    grown = artefact_bad(masks, "r", plane.shape, 1, ("cosmic_ray", "hot_pixel"))
+    assert grown[9:12, 9:12].all() and grown[19:22, 19:22].all()
+    assert grown.sum() == 9 + 9 + 32, "the trail is not grown"
+    assert np.array_equal(artefact_bad(masks, "r", plane.shape), plane != 0)
+    # the mask's own bit table decides which bits are which
+    other = ImageSet({"r": plane}, {"bits": {"cosmic_ray": 4, "hot_pixel": 0}})
+    assert artefact_bad(other, "r", plane.shape, 1, ("cosmic_ray",))[19:22, 19:22].all()
+    assert artefact_bad(other, "r", plane.shape, 1, ("cosmic_ray",)).sum() == 9 + 1 + 32
+
+
+def test_background_grows_the_mask_and_is_unchanged_without_one():
+    tile, masks = _cr_tile()
+    cfg = Background.Config()
+    sky = Background().run({"exposure": tile, "masks/artefacts": masks}, cfg)["sky"]
+    assert sky.bad["r"][59:64, 89:93].all() and (sky.weight["r"][59:64, 89:93] == 0).all()
+    assert not sky.bad["g"][59:64, 89:93].any()
+    # no mask: the artefact settings play no part
+    a = Background().run({"exposure": tile}, cfg)["sky"]
+    b = Background().run({"exposure": tile}, Background.Config(artefact_grow=0))["sky"]
+    for band in "gri":
+        assert np.array_equal(a.image[band], b.image[band]) and np.array_equal(a.bad[band], b.bad[band])
+        assert np.array_equal(a.saturated[band], b.saturated[band])
