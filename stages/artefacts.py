@@ -143,7 +143,7 @@ def predict_probabilities(fn: Any, x: np.ndarray, *, core: int = 2048, margin: i
 # ------------------------------------------------------------------ the stage
 class ArtefactsConfig(StageConfig):
     model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None = the shipped model")
-    patch: int = Field(2048, ge=64, description="core size (pixels, a multiple of the network stride) of the overlapping "
+    patch: int = Field(1024, ge=64, description="core size (pixels, a multiple of the network stride) of the overlapping "
                                                "patches; the margin comes from the card. Does not change the result, "
                                                "only speed (larger: less overlap) and memory (~0.3 GB per MPix of window)")
     thresholds: dict[str, float] = Field(default_factory=dict, description="per-class probability thresholds overriding "
@@ -191,7 +191,7 @@ class Artefacts(Stage):
         return [d / "model.onnx", d / "card.json"]
 
     def run(self, inputs: Mapping[str, Any], config: ArtefactsConfig) -> dict[str, Any]:
-        from pipeline.onnx import session
+        from pipeline.onnx import session, shrinking_run_options
 
         tile = inputs["exposure"]
         mdir = self._dir(config)
@@ -208,8 +208,10 @@ class Artefacts(Stage):
         stride, margin = int(geo.get("stride", STRIDE_DEFAULT)), int(geo["margin"])
         core = max(stride, (config.patch // stride) * stride)
 
+        run_opts = shrinking_run_options()  # the arena gives the patch's activations back after each run
+
         def fn(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {in_name: x})[0]
+            return sess.run(None, {in_name: x}, run_opts)[0]
 
         planes, probs = {}, {}
         sat_k = ARTEFACT_CLASSES.index("saturation")

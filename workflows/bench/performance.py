@@ -72,6 +72,17 @@ def simulate(path: Path, n_tiles: int, size: int, bands: str, seed: int) -> Path
     return manifest
 
 
+def tile_bytes(manifest: Path) -> float:
+    """Bytes of one tile's pixel data as delivered: the mean over tiles of the sizes of their FITS
+    files (image, weight and mask HDUs of every band)."""
+    m = load_manifest(manifest)
+    sizes = []
+    for spec in m.tiles:
+        paths = {m.resolve(rel) for bf in spec.files.values() for rel in (bf.path, bf.weight_path, bf.mask_path) if rel}
+        sizes.append(sum(p.stat().st_size for p in paths))
+    return float(np.mean(sizes))
+
+
 def run_once(manifest: Path, out: Path, workers: int, config: PipelineConfig) -> tuple[RunSummary, float, list[float], list[float]]:
     """Run the release on a fresh LocalCluster of ``workers`` processes; wall time and worker peak RSS."""
     from distributed import Client
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     config = PipelineConfig(stages=a.stages, device=a.device)
     mpix = a.tiles * a.size * a.size / 1e6
     mpix_band = mpix * len(a.bands)
-    tile_pixel_bytes = a.size * a.size * len(a.bands) * 4
+    tile_pixel_bytes = tile_bytes(manifest)
     results: dict[str, Any] = {"tiles": a.tiles, "size": a.size, "bands": a.bands, "runs": {}}
     walls: dict[int, float] = {}
     for n in [int(x) for x in a.workers.split(",")]:
@@ -215,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(base["peak_rss_mb"])
     idle = max(base["idle_rss_mb"])
     print(f"peak resident memory per worker: {peak:.0f} MB ({idle:.0f} MB of it is the idle worker with its "
-          f"libraries loaded); one tile's pixel data ({a.size}² × {len(a.bands)} bands × float32): "
+          f"libraries loaded); one tile's pixel data (its FITS files: image, weight and mask of {len(a.bands)} bands "
+          f"of {a.size}²): "
           f"{tile_pixel_bytes / 2**20:.0f} MB; ratio peak/tile {peak * 2**20 / tile_pixel_bytes:.2f}, "
           f"(peak − idle)/tile {(peak - idle) * 2**20 / tile_pixel_bytes:.2f} (goal ≤ 3)")
     cores = n1
