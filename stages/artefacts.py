@@ -208,10 +208,8 @@ class Artefacts(Stage):
         stride, margin = int(geo.get("stride", STRIDE_DEFAULT)), int(geo["margin"])
         core = max(stride, (config.patch // stride) * stride)
 
-        run_opts = shrinking_run_options()  # the arena gives the patch's activations back after each run
-
         def fn(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {in_name: x}, run_opts)[0]
+            return sess.run(None, {in_name: x})[0]
 
         planes, probs = {}, {}
         sat_k = ARTEFACT_CLASSES.index("saturation")
@@ -249,6 +247,10 @@ class Artefacts(Stage):
                  "thresholds": {c: float(thr[c]) for c in ARTEFACT_CLASSES}}
         prob_attrs = {"classes": list(ARTEFACT_CLASSES), "scale": 1.0 / 255.0, "requested": bool(config.probabilities),
                       "plane_name": "<band>_<class>"}
+        # one tiny run that hands the arena's chunks back: the patches' activations (~0.3 GB per MPix of
+        # window) would otherwise stay reserved while the later stages run (shrinking on every patch
+        # instead costs ~20 % in speed)
+        sess.run(None, {in_name: np.zeros((1, 3, stride, stride), np.float32)}, shrinking_run_options())
         return {"masks/artefacts": ImageSet(planes, attrs), "masks/artefact_probability": ImageSet(probs, prob_attrs)}
 
 

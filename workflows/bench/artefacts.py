@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="out/bench/artefacts", help="results directory (results.json; the simulated "
                                                                 "benchmark release is kept there too, unless --work)")
     ap.add_argument("--work", default=None, help="where the simulated benchmark release is kept (default: --out)")
-    ap.add_argument("--patch", type=int, default=2048, help="stage patch (core) size")
+    ap.add_argument("--patch", type=int, default=ArtefactsConfig().patch, help="stage patch (core) size (default: the stage's)")
     ap.add_argument("--mosaic", type=int, default=4096, help="side of the mosaic (of benchmark band images) on which "
                                                             "the speed with patches is measured (0: skip)")
     ap.add_argument("--sigclip", default="3,4.5,6,8", help="astroscrappy sigclip values ('' = skip astroscrappy)")
