@@ -17,9 +17,23 @@ Two passes on the detection coadd:
      a peak of the same colour (or with fewer than 3 bands) is kept only behind a valley on the line
      p-q (``peak_dip_nocolour`` sigma) and when most of the light at p (``peak_local_frac_nocolour``)
      is not q's mirrored light, as a faint star on a bright star's wing;
-   * it is at least ``min_separation_pix`` from q.
+   * it is at least ``min_separation_pix`` from q;
+   * its excess S/N is ``peak_excess_sigma`` against *every* higher peak of the footprint (within
+     ``peak_excess_all_radius``), not only the nearest: a peak on the wing of a bright galaxy is
+     explained by that galaxy's symmetric light even when a fainter object is nearer;
+   * against the nearest higher peak of its own sep object (what SExtractor calls one object), where
+     there is one: a same-colour peak also needs a valley of ``peak_dip_frac_samesep`` of its own S/N
+     (unless that peak is ``peak_wing_ratio`` times higher: a faint star on a bright star's wing), and
+     its own light must be ``peak_contrast_samesep`` of the sep object's flux (SExtractor's
+     ``DEBLEND_CONT``). The knots of a clumpy (irregular) galaxy carry 1-3 % of its light each,
+     share its colours or differ from it only through the approximate PSF matching, and are joined
+     by bridges of disk light; they no longer become children.
    Rejections are iterated in vectorised rounds, so a peak is compared with surviving peaks only.
-   The thresholds were chosen on test-seed tiles (pairs < 1.5" recovered vs unmatched children).
+   The thresholds were chosen on test-seed tiles (pairs < 1.5" recovered vs unmatched children); the
+   three rules above on validation-seed tiles (2001, 2002: unmatched bright children, completeness).
+
+A child alone in its sep object takes that object's barycentre (SExtractor's position) rather than its
+peak (``sep_barycentre``): the brightest pixel of a clumpy galaxy is a knot, often > 1" off its centre.
 
 Pixels of a multi-child footprint go to the child whose template ``peak * exp(-d^2 / 2 s^2)``
 (``s`` from the size of the sep object holding the peak) is largest at that pixel.
@@ -61,10 +75,26 @@ class DeblendingConfig(StageConfig):
     peak_colour_pvalue: float = Field(1e-3, gt=0, le=1, description=(
         "the excess must differ in colour from the higher peak with this significance (chi^2 p-value), "
         "(1 = no colour test)"))
+    peak_colour_floor: float = Field(0.0, ge=0, le=1, description=(
+        "relative systematic error of each band's value in the colour test (PSF homogenisation is approximate)"))
     peak_dip_nocolour: float = Field(10.0, ge=0, le=1000, description=(
         "a peak of the same colour as its neighbour (or with < 3 bands) needs a valley this deep (sigma) ..."))
     peak_local_frac_nocolour: float = Field(0.8, ge=0, le=1, description=(
         "... and this fraction of its light in excess of the mirrored point (knots of a galaxy have less)"))
+    peak_excess_all: bool = Field(True, description=(
+        "the excess test against every higher peak of the footprint (within peak_excess_all_radius), not only the nearest"))
+    peak_excess_all_radius: float = Field(100.0, gt=0, le=10000, description="pixels: farther higher peaks are not tested")
+    peak_wing_ratio: float = Field(10.0, ge=1, le=1e6, description=(
+        "no relative-valley test (peak_dip_frac_samesep) for a peak next to one this many times higher"))
+    peak_samesep: bool = Field(True, description=(
+        "also test every peak against the nearest higher peak of its own sep object (see the next two)"))
+    peak_dip_frac_samesep: float = Field(0.6, ge=0, le=1, description=(
+        "a same-colour peak in the same sep object as its higher neighbour needs a valley this fraction of its S/N"))
+    peak_contrast_samesep: float = Field(0.005, ge=0, le=1, description=(
+        "a peak in the same sep object as its higher neighbour needs this fraction of that object's flux "
+        "(as SExtractor's DEBLEND_CONT, whose default it takes; 0 = no contrast test)"))
+    sep_barycentre: bool = Field(True, description=(
+        "a child that is the only one in its sep object takes that object's barycentre as position (as SExtractor)"))
     min_separation_pix: float = Field(2.0, ge=0, le=100, description="peaks closer than this to a higher one are merged into it")
     max_children: int = Field(200, ge=2, le=100000, description="most children per footprint (brightest peaks kept; flag deblend_overflow)")
     rounds: int = Field(3, ge=1, le=10, description="rounds of peak rejection (each compares with the surviving peaks)")
@@ -206,10 +236,12 @@ def band_point_values(images: list[np.ndarray], weights: list[np.ndarray], x: np
 
 
 def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple, q: tuple, sigma: float | list[float],
-                      at_p: tuple | None = None, at_q: tuple | None = None):
+                      at_p: tuple | None = None, at_q: tuple | None = None, colour_floor: float = 0.0):
     """Light at p in excess of the point mirrored through q: its S/N, the chi^2 p-value that its colour
     equals the colour at q (small = different colours, i.e. a different object), and its size relative
-    to the surface brightness at q and to that at p (all bands summed), and the number of bands used."""
+    to the surface brightness at q and to that at p (all bands summed), the number of bands used, and the
+    excess summed over the bands (nJy per pixel, at the common resolution). ``colour_floor``: a relative
+    systematic error of every band's value added to the colour test."""
     from scipy.stats import chi2
 
     images, weights = bands
@@ -226,16 +258,60 @@ def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple
         snr = (e * iv).sum(axis=0) / np.sqrt(np.maximum(iv.sum(axis=0), 1e-300))
         # colour test: is e = r vq in every band?  (weighted linear fit of r, then chi^2)
         r = (e * vq * iv).sum(axis=0) / np.maximum((vq * vq * iv).sum(axis=0), 1e-300)
-        tot = np.where(valid, np.where(valid, se, 0) + r * r * np.where(valid, sq, 0), np.inf)
+        tot = np.where(valid, np.where(valid, se, 0) + r * r * np.where(valid, sq, 0)
+                       + (colour_floor * r * vq) ** 2, np.inf)
         c2 = np.where(valid, (e - r * vq) ** 2 / tot, 0.0).sum(axis=0)
     pval = np.where(nb >= 3, chi2.sf(c2, np.maximum(nb - 1, 1)), 1.0)
     rel = np.where(valid, e, 0).sum(axis=0) / np.maximum(np.where(valid, vq, 0).sum(axis=0), 1e-30)
     local = np.where(valid, e, 0).sum(axis=0) / np.maximum(np.where(valid, vp, 0).sum(axis=0), 1e-30)
-    return snr, pval, rel, nb, local
+    esum = np.where(valid, e, 0).sum(axis=0)
+    return snr, pval, rel, nb, local, esum
+
+
+def _samesep_fail(snr_sharp, sep_seg, px, py, val, ai, aj, gi, bad, bands, peak_vals, config, sep_flux, point_area):
+    """The tests of a peak against the nearest higher surviving peak of its own sep (SExtractor) object, where
+    there is one (a sep object is what SExtractor calls one object; a peak splitting it must be another):
+
+    * a same-colour peak needs, besides the valley and local fraction of ``alone``, a valley to that peak of
+      ``peak_dip_frac_samesep`` of its own S/N (clumps of one irregular galaxy have shallow valleys between them),
+      unless that peak is ``peak_wing_ratio`` times higher (a faint star on a bright star's wing: the steep wing,
+      not a bridge of light, limits the valley);
+    * its own light (a point source of the excess) must be ``peak_contrast_samesep`` of the sep object's flux
+      (SExtractor's DEBLEND_CONT: the knots of a clumpy galaxy carry 1-3 % of its light each).
+
+    Returns a bool array over ``gi`` (True = the peak fails)."""
+    out = np.zeros(gi.size, bool)
+    sp = sep_seg[py[ai], px[ai]]
+    k = np.flatnonzero((sp > 0) & (sp == sep_seg[py[aj], px[aj]]))  # pairs already sorted by peak, then distance
+    if k.size == 0:
+        return out
+    k = k[np.r_[True, ai[k][1:] != ai[k][:-1]]]                    # nearest higher peak in the same sep object
+    pos = np.full(px.size, -1)
+    pos[gi] = np.arange(gi.size)
+    k = k[(pos[ai[k]] >= 0) & ~bad[np.maximum(pos[ai[k]], 0)]]
+    if k.size == 0:
+        return out
+    p_, q_ = ai[k], aj[k]
+    low = _line_minimum(snr_sharp, px[p_].astype(np.float64), py[p_].astype(np.float64),
+                        px[q_].astype(np.float64), py[q_].astype(np.float64))
+    dip = val[p_] - low
+    exc, pval, rel, nb, local, esum = excess_and_colour(bands[:2], (px[p_], py[p_]), (px[q_], py[q_]), bands[2],
+                                                        at_p=(peak_vals[0][:, p_], peak_vals[1][:, p_]),
+                                                        at_q=(peak_vals[0][:, q_], peak_vals[1][:, q_]),
+                                                        colour_floor=config.peak_colour_floor)
+    same = np.where(nb >= 3, pval > config.peak_colour_pvalue, True)
+    alone = ((dip >= config.peak_dip_nocolour) & (local >= config.peak_local_frac_nocolour)
+             & ((dip >= config.peak_dip_frac_samesep * val[p_]) | (val[q_] >= config.peak_wing_ratio * val[p_])))
+    fail = (exc < config.peak_excess_sigma) | (same & ~alone)
+    if sep_flux is not None and config.peak_contrast_samesep > 0:
+        fail |= esum * point_area < config.peak_contrast_samesep * sep_flux[sp[k] - 1]
+    out[pos[p_[fail]]] = True
+    return out
 
 
 def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np.ndarray, config: DeblendingConfig,
-                  bands: tuple[list[np.ndarray], list[np.ndarray], list[float]] | None = None):
+                  bands: tuple[list[np.ndarray], list[np.ndarray], list[float]] | None = None,
+                  sep_flux: np.ndarray | None = None, point_area: float = 1.0):
     """Significant peaks of every footprint, plus one forced peak per sep object holding none.
 
     Returns arrays x, y (int pixels), peak value, footprint, forced, and the footprints whose
@@ -269,6 +345,7 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
         gi, gj = idx[i], idx[j]
         d = np.hypot(px[gi] - px[gj], py[gi] - py[gj])
         o = np.lexsort((d, gi))  # nearest higher surviving peak of each peak
+        ai, aj, ad = gi[o], gj[o], d[o]  # all (peak, higher peak) pairs, grouped by peak
         first = np.r_[True, gi[o][1:] != gi[o][:-1]]
         gi, gj, d = gi[o][first], gj[o][first], d[o][first]
         low = _line_minimum(snr_sharp, px[gi].astype(np.float64), py[gi].astype(np.float64),
@@ -279,9 +356,10 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
             t = np.flatnonzero(~bad)
             if peak_vals is None:  # every candidate's band values once; only the mirror points change per round
                 peak_vals = band_point_values(bands[0], bands[1], px, py, bands[2])
-            exc, pval, rel, nb, local = excess_and_colour(bands[:2], (px[gi[t]], py[gi[t]]), (px[gj[t]], py[gj[t]]), bands[2],
+            exc, pval, rel, nb, local, esum = excess_and_colour(bands[:2], (px[gi[t]], py[gi[t]]), (px[gj[t]], py[gj[t]]), bands[2],
                                                           at_p=(peak_vals[0][:, gi[t]], peak_vals[1][:, gi[t]]),
-                                                          at_q=(peak_vals[0][:, gj[t]], peak_vals[1][:, gj[t]]))
+                                                          at_q=(peak_vals[0][:, gj[t]], peak_vals[1][:, gj[t]]),
+                                                          colour_floor=config.peak_colour_floor)
             fail = (exc < config.peak_excess_sigma) | (rel < config.peak_excess_frac)
             same = np.where(nb >= 3, pval > config.peak_colour_pvalue, True)
             # one colour: still a separate object if most of the light at p is not q's (mirrored), behind a
@@ -289,6 +367,22 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
             alone = (dip[t] >= config.peak_dip_nocolour) & (local >= config.peak_local_frac_nocolour)
             fail |= same & ~alone
             bad[t[fail]] = True
+            if config.peak_samesep and ai.size:
+                bad |= _samesep_fail(snr_sharp, sep_seg, px, py, val, ai, aj, gi, bad, bands, peak_vals, config,
+                                     sep_flux, point_area)
+            if config.peak_excess_all and ai.size > gi.size:
+                # the light at p in excess of every higher peak's mirrored light, not only the nearest one's:
+                # a peak on the wing of a bright galaxy is explained by that galaxy, whichever peak is nearest
+                cand = np.zeros(px.size, bool)
+                cand[gi[~bad]] = True
+                k = np.flatnonzero(cand[ai] & (ad <= config.peak_excess_all_radius))
+                if k.size:
+                    exc_all, *_ = excess_and_colour(bands[:2], (px[ai[k]], py[ai[k]]), (px[aj[k]], py[aj[k]]), bands[2],
+                                                    at_p=(peak_vals[0][:, ai[k]], peak_vals[1][:, ai[k]]),
+                                                    at_q=(peak_vals[0][:, aj[k]], peak_vals[1][:, aj[k]]))
+                    weak = np.zeros(px.size, bool)
+                    weak[ai[k][exc_all < config.peak_excess_sigma]] = True
+                    bad |= weak[gi]
         if not bad.any():
             break
         alive[gi[bad]] = False
@@ -323,7 +417,7 @@ class Deblending(Stage):
     """Split footprints into children (sep multi-threshold + significant peaks); parent/child records."""
 
     name = "deblending"
-    version = "1"
+    version = "2"
     requires = ("exposure", "sky", "detections", "segmentation")
     provides = {
         "deblended": "objects after deblending: parents (not primary), children and isolated objects, with positions and shapes",
@@ -345,7 +439,18 @@ class Deblending(Stage):
         psf_sig = np.array([header_fwhm_pix(tile, b) for b in bl]) / FWHM_PER_SIGMA
         smooth = list(np.sqrt(0.7 ** 2 + psf_sig.max() ** 2 - psf_sig ** 2))
         bands = ([sky.image[b] for b in bl], [sky.weight[b] for b in bl], smooth)
-        px, py, pval, pfid, pforced, overflow_fids = find_children(sharp, foot, det, sep_seg, config, bands)
+        sep_flux = None
+        if config.peak_samesep and config.peak_contrast_samesep > 0 and len(det):
+            # flux of every sep object, summed over the bands (the units of the peaks' excess light)
+            on = np.flatnonzero(sep_seg.ravel() > 0)
+            lab = sep_seg.ravel()[on] - 1
+            sep_flux = np.zeros(len(det))
+            for img in bands[0]:
+                sep_flux += np.bincount(lab, img.ravel()[on], len(det))
+        # a point source's Gaussian-weighted local mean (resolution of the widest PSF + 0.7 px) is flux / area
+        point_area = float(2 * np.pi * (psf_sig.max() ** 2 + 0.7 ** 2))
+        px, py, pval, pfid, pforced, overflow_fids = find_children(sharp, foot, det, sep_seg, config, bands,
+                                                                   sep_flux, point_area)
         npk = np.bincount(pfid, minlength=nfoot + 1)
         sep_fid = np.asarray(det["footprintId"], np.int64)
         blended_f = npk >= 2  # every sep object holds a peak, so a footprint of 2+ sep objects is blended
@@ -355,8 +460,16 @@ class Deblending(Stage):
         cmask = blended_f[pfid]
         cx, cy, cval, cfid = px[cmask], py[cmask], pval[cmask], pfid[cmask]
         csep = sep_seg[cy, cx].astype(np.int64) - 1  # sep object holding the peak (-1: none)
-        csep = np.where(csep >= 0, csep, 0)
+        in_sep = csep >= 0
+        csep = np.where(in_sep, csep, 0)
         sx, sy = _subpixel_peak(sharp, cx, cy)
+        if config.sep_barycentre:
+            # a child alone in its sep object is that object: SExtractor's barycentre, not the brightest pixel (the
+            # peak of a clumpy galaxy is a knot, off its centre); peaks that split a sep object keep their peaks
+            per_sep = np.bincount(csep[in_sep], minlength=len(det))
+            alone = in_sep & (per_sep[csep] == 1)
+            sx = np.where(alone, np.asarray(det["x"], np.float64)[csep], sx)
+            sy = np.where(alone, np.asarray(det["y"], np.float64)[csep], sy)
 
         # ---- rows: for each footprint, isolated object, or parent followed by its children
         iso_rows = np.flatnonzero(single)

@@ -29,9 +29,20 @@ SExtractor's MAG_AUTO; divided by the PSF's encircled fraction in that ellipse w
 ``kron_apcorr``, so a point source gets its total flux), ``{b}_psfFlux`` (PSF-weighted linear fit
 of the PSF model, scaled on the tile's stars to the largest aperture's total flux -- Rubin's
 aperture correction -- so a small PSF-model error does not bias it). Errors come from the weight
-map. The aperture correction to total flux of every circular aperture (for point sources) goes to
-the table attrs (``apcorr``), computed with the same pixel weights on the PSF model; the PSF
-flux's in ``psf_apcorr``, the PSF models in ``psf``.
+map, plus the empty-aperture term below. The aperture correction to total flux of every circular aperture (for point sources) goes to
+the table attrs (``apcorr``), computed with the same pixel weights on the PSF model for the largest
+aperture and, for the smaller ones, from the tile's stars relative to it (``empirical_apcorr``: the
+PSF model's core is the least certain part of it); the PSF flux's in ``psf_apcorr``, the PSF models
+in ``psf``.
+
+Errors beyond the weight map (``empty_apertures``): the weight map holds the pixel noise (sky, read
+noise and the sources' own Poisson noise), but not the error of the background subtraction, the light
+of undetected sources, nor the residuals of the neighbours' models. Every band's apertures and PSF fit
+are also measured at random empty positions (no footprint within the aperture radius + 1 pixel) on the
+same neighbour-subtracted image: the half-width holding 68.27 % of those fluxes beyond the weight map's
+prediction is added in quadrature to every error (the Kron ellipse's by its area), and their median
+per pixel -- the background stage's residual level -- is subtracted from every flux (``residual_sky``).
+Both go to the attrs (``empty_apertures``).
 
 ``refExtendedness``: 1 when the summed-over-bands ``psfFlux / kronFlux`` is below
 ``extendedness_cut`` (a point source gives ~1 since both are total fluxes), else 0.
@@ -75,6 +86,15 @@ class PhotometryConfig(StageConfig):
     moment_window: float = Field(1.5, gt=0.3, le=10, description="sigma of the moment window, in units of the PSF sigma")
     centroid_iterations: int = Field(4, ge=0, le=20, description=(
         "iterations of the windowed centroid on the neighbour-subtracted coadd (0 = keep the detection positions)"))
+    empty_apertures: int = Field(2000, ge=0, le=100000, description=(
+        "random sky positions (no footprint within the largest aperture) whose aperture and PSF fluxes calibrate "
+        "the errors: the scatter beyond the weight map's (background-subtraction error, undetected sources, "
+        "neighbour-model residuals) is added in quadrature; 0 = weight-map errors only"))
+    empirical_apcorr: bool = Field(True, description=(
+        "aperture corrections (apcorr) of the smaller apertures from the tile's stars, relative to the largest one's "
+        "model correction (else all from the PSF model)"))
+    residual_sky: bool = Field(True, description=(
+        "subtract the median empty-aperture flux (per pixel, per band) from every flux: the background stage's residual level"))
     extendedness_cut: float = Field(0.95, gt=0, le=2, description="refExtendedness = 1 when psfFlux/kronFlux is below this")
 
     @field_validator("apertures_pix")
@@ -304,7 +324,7 @@ class Photometry(Stage):
     """Forced photometry in every band on neighbour-subtracted stamps; positions, shapes, flags."""
 
     name = "photometry"
-    version = "2"
+    version = "3"
     requires = ("exposure", "sky", "deblended", "deblend_segmentation", "segmentation")
     optional = ("masks/artefacts",)
     provides = {"objects": "per-object multi-band photometry (nJy), positions, shapes, parent/child records and flags"}
@@ -485,6 +505,20 @@ class Photometry(Stage):
                 wsm[:, j] = circular_weights(r, ap).reshape(ms.rows.size, -1)
             wsm[:, napt] = elliptical_weights(ms, kA[ms.rows], kB[ms.rows], th[ms.rows]).reshape(ms.rows.size, -1)
             mw.append(wsm)
+        # band-independent areas of the apertures (sum of the pixel weights), for the residual-sky and extra-noise terms
+        area = np.zeros((n, napt + 1))
+        for k, st in enumerate(sets):
+            area[st.rows, :napt] = wc[k].sum(axis=2)
+            area[st.rows, napt] = kw[k].sum(axis=(1, 2))
+        # empty positions: each aperture uses those with no footprint within its radius + 1 pixel (as close to
+        # the detected objects as a measured object's aperture reaches; their model residuals are in its sky too)
+        est, clear = empty_positions((foot > 0) | nodata, config.empty_apertures, min(config.apertures_pix) + 1.0)
+        if est.rows.size:
+            r_e = est.radius()[0]
+            w_e = np.stack([circular_weights(r_e, ap).ravel() for ap in config.apertures_pix])
+            psf_clear = 1.5 * max(p.fwhm_pix for p in psfs.values())
+            use_e = clear[:, None] >= np.r_[np.asarray(config.apertures_pix) + 1.0, psf_clear][None, :]
+        empty_info: dict[str, dict[str, Any]] = {}
         band_flags = np.zeros(n, np.uint32)
         apcorr: dict[str, dict[str, float]] = {}
         psf_apcorr: dict[str, float] = {}
@@ -533,7 +567,7 @@ class Photometry(Stage):
             # --- measurements on the measurement stamps
             fl = np.zeros((n, napt + 1))
             var = np.zeros((n, napt + 1))
-            f_p, e_p, ee_k = np.zeros(n), np.full(n, np.inf), np.ones(n)
+            f_p, e_p, ee_k, pw = np.zeros(n), np.full(n, np.inf), np.ones(n), np.zeros(n)
             for k, st in enumerate(sets):
                 nn, S = st.rows.size, st.size
                 d, wk = st.gather(img), st.gather(wt)
@@ -569,6 +603,7 @@ class Photometry(Stage):
                 num_p = separable_dot(ey, wcc * Xc.reshape(nn, 2 * ch + 1, -1), ex)
                 okp = den_p > 0
                 f_p[st.rows] = np.where(okp, num_p / np.where(okp, den_p, 1), 0)
+                pw[st.rows] = np.where(okp, separable_dot(ey, wcc, ex) / np.where(okp, den_p, 1), 0)
                 e_p[st.rows] = np.where(okp, 1.0 / np.sqrt(np.where(okp, den_p, 1)), np.inf)
                 ee_k[st.rows] = separable_dot(ey, np.ascontiguousarray(kk[:, lo:hi, lo:hi]), ex)
                 fb = np.zeros(nn, np.uint32)
@@ -587,10 +622,35 @@ class Photometry(Stage):
                     av = np.where(u, st.gather(art), 0).reshape(nn, -1)
                     fb |= artefact_flags(np.bitwise_or.reduce(av, axis=1), artefacts)
                 band_flags[st.rows] |= fb
+            # empty apertures on the same image (neighbour models removed): residual sky level and the scatter
+            # beyond the weight map's, per aperture; the Kron ellipse's by its area (linear beyond the largest)
+            extra_p = 0.0
+            if est.rows.size >= 50:
+                X_e = est.gather(img) if mtot is None else est.gather(img) - est.gather(mtot)
+                lev, extra, n_e = empty_aperture_stats(est, X_e, est.gather(wt), w_e, psf, use_e)
+                if (n_e > 0).all():
+                    a_c = w_e.sum(axis=1)
+                    order_a = np.argsort(a_c)
+                    a_s, x_s, l_s = a_c[order_a], extra[:napt][order_a], lev[:napt][order_a]
+                    kr_extra = np.where(area[:, napt] > a_s[-1], x_s[-1] * area[:, napt] / a_s[-1],
+                                        np.interp(area[:, napt], np.r_[0.0, a_s], np.r_[0.0, x_s]))
+                    level_k = l_s[-1]
+                    if config.residual_sky:
+                        fl[:, :napt] -= lev[None, :napt] * area[:, :napt]
+                        fl[:, napt] -= level_k * area[:, napt]
+                        f_p = f_p - lev[napt] * pw
+                    var[:, :napt] += extra[None, :napt]
+                    var[:, napt] += kr_extra
+                    extra_p = float(extra[napt])
+                    empty_info[band] = {"n": [int(v) for v in n_e], "sky_level_per_pix": [round(float(v), 6) for v in lev],
+                                        "extra_sigma": [round(float(np.sqrt(v)), 4) for v in extra],
+                                        "apertures": [f"ap{int(round(a)):02d}" for a in config.apertures_pix] + ["psf"]}
             # own models back in (zero for parents and without neighbour models)
             fl += own_ap
             with np.errstate(divide="ignore", invalid="ignore"):
                 f_p = f_p + np.where(np.isfinite(e_p), own_psf * e_p * e_p, 0.0)
+            if extra_p > 0:  # the PSF flux's extra variance (after the own model, which uses e_p = den^-1/2)
+                e_p = np.sqrt(e_p * e_p + extra_p)
             f_k, e_k = fl[:, napt], np.sqrt(var[:, napt])
             if config.kron_apcorr:
                 ee = np.clip(ee_k, 0.2, 1.0)
@@ -605,6 +665,18 @@ class Photometry(Stage):
                 if 0.9 < corr_p < 1.1:
                     f_p, e_p = f_p * corr_p, e_p * corr_p
                     psf_apcorr[band] = round(corr_p, 6)
+            if config.empirical_apcorr and s_ok.size >= config.psf_min_stars:
+                # the smaller apertures' corrections the same way (an empirical curve of growth on the tile's
+                # stars, tied to the model's correction of the largest aperture, which is ~1 and least sensitive
+                # to the PSF model's core)
+                for j, ap in enumerate(config.apertures_pix):
+                    tag = f"ap{int(round(ap)):02d}"
+                    okj = s_ok[fl[s_ok, j] > 0]
+                    if j == big_ap or okj.size < config.psf_min_stars:
+                        continue
+                    c = float(np.median(fl[okj, big_ap] * apcorr[band][big_tag] / fl[okj, j]))
+                    if abs(c / apcorr[band][tag] - 1) < 0.05:
+                        apcorr[band][tag] = round(c, 6)
             for j, ap in enumerate(config.apertures_pix):
                 tag = f"ap{int(round(ap)):02d}"
                 t.add(f"{band}_{tag}Flux", fl[:, j].astype(np.float32), "nJy", f"flux in a {ap:g}-pixel-radius circular aperture, {band} band", "phot.flux")
@@ -626,6 +698,7 @@ class Photometry(Stage):
         t.attrs["flag_bits"] = OBJECT_FLAGS.as_attrs()
         t.attrs["apcorr"] = apcorr
         t.attrs["psf_apcorr"] = psf_apcorr
+        t.attrs["empty_apertures"] = empty_info
         t.attrs["psf"] = {bnd: psfs[bnd].as_attrs() for bnd in bands}
         return {"objects": t}
 
@@ -832,6 +905,68 @@ def aperture_corrections(psf: PsfModel, radii: list[float]) -> dict[str, float]:
     r = np.sqrt(dx[:, None, :] ** 2 + dy[:, :, None] ** 2)
     return {f"ap{int(round(ap)):02d}": round(float(1.0 / np.einsum("nij,nij->n", circular_weights(r, ap), p).mean()), 6)
             for ap in radii}
+
+
+def empty_positions(busy_map: np.ndarray, n: int, min_clear: float, seed: int = 0):
+    """Up to ``n`` random pixel centres (fixed seed: reproducible) with no ``busy_map`` pixel (footprints, missing
+    data) within ``min_clear`` pixels. Returns their stamps (half size ``APERTURE_HALF``, ``rows`` = 0..k-1) and
+    each one's clearance: the distance to the nearest busy pixel (capped at the stamp's half size)."""
+    h, w = busy_map.shape
+    half = APERTURE_HALF
+    none = (Stamps.make(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), half, busy_map.shape), np.zeros(0))
+    if n <= 0 or h <= 2 * half + 2 or w <= 2 * half + 2:
+        return none
+    rng = np.random.default_rng(seed)
+    nx, ny = w - 2 * half, h - 2 * half
+    pick = rng.choice(nx * ny, size=min(2 * n, nx * ny), replace=False)
+    cy, cx = (v.astype(np.float64) + half for v in np.divmod(pick, nx))
+    st = Stamps.make(np.arange(cx.size), cx, cy, half, busy_map.shape)
+    busy = st.gather(busy_map)
+    clear = np.where(busy, st.radius()[0][None], np.float32(half)).min(axis=(1, 2))
+    k = np.flatnonzero(clear >= min_clear)[:n]
+    return Stamps.make(np.arange(k.size), cx[k], cy[k], half, busy_map.shape), clear[k]
+
+
+def empty_aperture_stats(st: "Stamps", X: np.ndarray, wk: np.ndarray, weights: np.ndarray, psf: PsfModel,
+                         use: np.ndarray, min_n: int = 50):
+    """Fluxes at empty positions ``st`` (apertures ``weights`` (napt, S*S) and a PSF fit) on the stamps ``X`` of
+    the image (neighbour models subtracted) with inverse variance ``wk`` (stamps), each aperture (the PSF fit
+    last) over the positions ``use`` (n, napt + 1) allows: the median flux per unit of weight (a residual sky
+    level), the variance beyond the weight map's (the square of the half-width holding 68.27 % of the fluxes
+    around that level: undetected sources give the distribution a tail that a Gaussian fit to the core would
+    miss), and the number of positions used; zeros for an aperture with fewer than ``min_n`` positions."""
+    n = st.rows.size
+    napt = weights.shape[0]
+    level, extra, count = np.zeros(napt + 1), np.zeros(napt + 1), np.zeros(napt + 1, np.int64)
+    if n < min_n:
+        return level, extra, count
+    good = wk > 0
+    xs = np.where(good, X, 0).astype(np.float32)
+    invw = np.zeros_like(wk)
+    np.divide(np.float32(1), wk, out=invw, where=good)
+    f = xs.reshape(n, -1) @ weights.T                      # (n, napt)
+    v = invw.reshape(n, -1) @ (weights * weights).T
+    area = weights.sum(axis=1)[None, :] * np.ones((n, 1))
+    ey, ex = psf_factors(psf, st)
+    K = ey.shape[1]
+    ey2 = (ey[:, :, None, :] * ey[:, None, :, :]).reshape(n, K * K, -1)
+    ex2 = (ex[:, :, None, :] * ex[:, None, :, :]).reshape(n, K * K, -1)
+    den_p = separable_dot(ey2, wk, ex2)
+    ok = den_p > 0
+    den_p = np.where(ok, den_p, 1.0)
+    f = np.c_[f, separable_dot(ey, wk * xs, ex) / den_p]
+    v = np.c_[v, 1.0 / den_p]
+    area = np.c_[area, separable_dot(ey, wk, ex) / den_p]  # last: PSF flux of a unit constant level
+    for j in range(napt + 1):
+        sel = use[:, j] & ok
+        count[j] = int(sel.sum())
+        if count[j] < min_n:
+            continue
+        lv = float(np.median(f[sel, j] / area[sel, j]))    # residual sky per pixel (robust)
+        r = f[sel, j] - lv * area[sel, j]
+        sig2 = float(np.percentile(np.abs(r - np.median(r)), 68.27)) ** 2  # the 1-sigma half-width, tails included
+        level[j], extra[j] = lv, max(sig2 - float(np.median(v[sel, j])), 0.0)
+    return level, extra, count
 
 
 def artefact_flags(touched: np.ndarray, artefacts: Any) -> np.ndarray:

@@ -59,3 +59,47 @@ def test_isolated_sources_have_no_parent_records():
     assert np.all(o["detect_isPrimary"])
     ids = np.asarray(o["objectId"])
     assert len(set(ids.tolist())) == 2 and ids.dtype == np.int64
+
+
+
+def knotty_galaxy(seed: int = 2, size: int = 128, knot_frac: float = 0.3, n_knots: int = 21, hlr: float = 12.0,
+                  flux_i: float = 40000.0):
+    """A clumpy irregular galaxy as the mock survey draws one: an exponential disk (half-light radius ``hlr`` px)
+    plus ``n_knots`` point-like knots of its colour (``knot_frac`` of the light) in clusters of three; centred at
+    (64.3, 63.8). Returns the knots (sources), the disk (extra images, convolved with each band's PSF), the centre."""
+    from scipy import ndimage as ndi
+
+    from test_stage_detection import FWHM, PIXSCALE
+
+    rng = np.random.default_rng(seed)
+    x0, y0, h = 64.3, 63.8, hlr / 1.678
+    yy, xx = np.mgrid[:size, :size]
+    disk = np.exp(-np.hypot(xx - x0, yy - y0) / h)
+    disk /= disk.sum()
+    pos = []
+    for _ in range(n_knots // 3):
+        cx, cy = x0 + rng.normal(0, 0.7 * hlr), y0 + rng.normal(0, 0.7 * hlr)
+        pos += [(cx + rng.normal(0, 2.0), cy + rng.normal(0, 2.0)) for _ in range(3)]
+    scale = flux_i / RED["i"]
+    knots = [{"x": x, "y": y, "flux": {b: knot_frac / len(pos) * scale * f for b, f in RED.items()}} for x, y in pos]
+    extra = {b: ((1 - knot_frac) * scale * f * ndi.gaussian_filter(disk, FWHM[b] / PIXSCALE / 2.355)).astype(np.float32)
+             for b, f in RED.items()}
+    return knots, extra, (x0, y0)
+
+
+def test_knots_of_a_clumpy_galaxy_are_not_children():
+    knots, extra, (x0, y0) = knotty_galaxy()
+    tile = synthetic_tile(knots, bands="ugrizy", noise=5.0, seed=107, extra=extra)
+    old = {"peak_samesep": False, "peak_excess_all": False, "sep_barycentre": False}
+    for cfg, n_expect in ((old, 2), ({}, 1)):
+        d = run_stages(tile, upto="deblending", configs={"deblending": cfg})["deblended"]
+        meas = np.asarray(d["detect_isDeblendedSource"])
+        dist = np.hypot(np.asarray(d["x"])[meas] - x0, np.asarray(d["y"])[meas] - y0)
+        if cfg is old:  # the control: the peak tests alone split it into clumps, none within 1 arcsec of the centre
+            assert meas.sum() >= n_expect and dist.min() > 5.0, (meas.sum(), dist)
+        else:
+            assert meas.sum() == n_expect, "one galaxy, one measured object (knots are not children)"
+            assert dist[0] < 5.0, "at the galaxy's centre (within 1 arcsec), not on a knot"
+    o = run_stages(tile)["objects"]
+    meas = np.asarray(o["detect_isDeblendedSource"])
+    assert meas.sum() == 1 and np.hypot(o["x"][meas][0] - x0, o["y"][meas][0] - y0) < 5.0

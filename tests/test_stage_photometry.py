@@ -90,13 +90,10 @@ def test_bright_neighbour_does_not_bias_a_faint_source():
     assert out[False][0] > 5, "without neighbour models the bright star's wings leak in (the control)"
 
 
-def test_error_calibration_on_pure_noise():
-    """Forced photometry at random places on pure noise: |f / sigma| < 1 for ~68 %."""
-    size = 512
-    tile = synthetic_tile([], size=size, noise=5.0, seed=116)
-    p = run_stages(tile, upto="detection")
-    rng = np.random.default_rng(117)
-    g = np.arange(24, size - 24, 32, dtype=np.float64)  # isolated places (no neighbour within 32 pixels)
+def forced_on_grid(p: dict, size: int, config=None, seed: int = 117):
+    """Photometry forced at isolated places (no neighbour within 32 pixels) of a run's products."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(24, size - 24, 32, dtype=np.float64)
     x, y = (v.ravel() + rng.uniform(-0.5, 0.5, v.size) for v in np.meshgrid(g, g))
     n = x.size
     det = Table()
@@ -114,9 +111,38 @@ def test_error_calibration_on_pure_noise():
     det.add("detect_isDeblendedSource", np.ones(n, bool))
     det.add("detect_flags", np.zeros(n, np.uint32))
     inputs = {**p, "deblended": det, "deblend_segmentation": ImageSet({"owner": np.zeros((size, size), np.int32)})}
-    o = Photometry().run({r: inputs[r] for r in Photometry.requires}, Photometry.Config())["objects"]
+    return Photometry().run({r: inputs[r] for r in Photometry.requires}, config or Photometry.Config())["objects"]
+
+
+def test_error_calibration_on_pure_noise():
+    """Forced photometry at random places on pure noise: |f / sigma| < 1 for ~68 %."""
+    size = 512
+    p = run_stages(synthetic_tile([], size=size, noise=5.0, seed=116), upto="detection")
+    o = forced_on_grid(p, size)
     for col in ("ap03", "ap06", "ap12", "psf", "kron"):
         z = np.concatenate([o[f"{b}_{col}Flux"] / o[f"{b}_{col}FluxErr"] for b in "gri"])
         frac = np.mean(np.abs(z) < 1)
         assert 0.60 < frac < 0.76, (col, frac)
         assert abs(np.median(z)) < 0.25, (col, np.median(z))
+    # white noise as the weight map says: the empty apertures find (almost) nothing to add
+    for b in "gri":
+        extra = o.attrs["empty_apertures"][b]["extra_sigma"]
+        assert extra[1] < 0.3 * 5.0 * np.sqrt(np.pi * 36), (b, extra)
+
+
+def test_noise_the_weight_map_misses_is_added_from_empty_apertures():
+    """Correlated noise (as left by background subtraction, undetected sources, resampling) that the weight map
+    does not describe: with the empty-aperture term the errors are calibrated again, without it they are not."""
+    from scipy import ndimage as ndi
+
+    size = 512
+    rng = np.random.default_rng(118)
+    corr = {b: 0.8 * ndi.gaussian_filter(rng.normal(0, 1, (size, size)), 2.0) / 0.141 for b in "gri"}  # 0.8 nJy/pixel
+    p = run_stages(synthetic_tile([], size=size, noise=5.0, seed=119, extra=corr), upto="detection")
+    fr = {}
+    for n_empty in (0, Photometry.Config().empty_apertures):
+        o = forced_on_grid(p, size, Photometry.Config(empty_apertures=n_empty), seed=120)
+        z = np.concatenate([o[f"{b}_ap06Flux"] / o[f"{b}_ap06FluxErr"] for b in "gri"])
+        fr[n_empty] = np.mean(np.abs(z) < 1)
+    assert fr[0] < 0.58, fr  # the weight map alone: errors too small
+    assert 0.6 < fr[Photometry.Config().empty_apertures] < 0.76, fr
