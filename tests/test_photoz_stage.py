@@ -105,3 +105,83 @@ def test_summaries_of_a_known_pdf():
     assert s["photoz_u68"][0] - s["photoz_l68"][0] == pytest.approx(2 * 0.0994, abs=4e-3)
     assert s["photoz_u95"][0] - s["photoz_l95"][0] == pytest.approx(2 * 0.196, abs=4e-3)
     assert s["photoz_odds"][0] == pytest.approx(0.770, abs=0.01)  # +-0.06 (1 + 1) = +-1.2 sigma
+
+
+def _mixture_pdfs(n: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
+    dz = 0.02
+    grid = np.arange(0.01, 4.0, dz)
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(-0.2, 4.2, (n, 3))
+    sg = rng.uniform(0.005, 0.5, (n, 3))
+    w = rng.dirichlet([1.0, 1.0, 1.0], n)
+    pdf = (w[:, :, None] * np.exp(-0.5 * ((grid - mu[:, :, None]) / sg[:, :, None]) ** 2) / sg[:, :, None]).sum(axis=1)
+    pdf[0] = 0.0                                   # nothing on the grid: flat
+    pdf[1] = 0.0
+    pdf[1, 7] = 1.0                                # all in one bin
+    pdf /= pdf.sum(axis=1, keepdims=True).clip(1e-300) * dz
+    return pdf.astype(np.float32), grid, dz
+
+
+def test_cdf_summaries_agree_with_the_pdf_summaries():
+    """The stage's path (the model's CDF at the bin edges, binary-searched) == summarise(pdf)."""
+    from stages.photoz import summarise_cdf
+
+    pdf, grid, dz = _mixture_pdfs(3000)
+    ref = summarise(pdf, grid, dz)
+    mass = pdf.astype(np.float64) * dz
+    cdf = np.concatenate([np.zeros((len(pdf), 1)), np.cumsum(mass, axis=1)], axis=1)
+    cdf[1:] /= cdf[1:, -1:]
+    got_pdf, got = summarise_cdf(cdf.astype(np.float32), grid, dz)
+    np.testing.assert_allclose(got_pdf[1:], pdf[1:], atol=2e-4 * pdf.max())
+    np.testing.assert_allclose(got_pdf[0], 1.0 / (len(grid) * dz), rtol=1e-5)  # flat
+    for k in SUMMARIES:
+        np.testing.assert_allclose(got[k], ref[k], atol=2e-3 if k != "photoz_odds" else 1e-3, err_msg=k)
+    assert got["photoz_median"][1] == pytest.approx(grid[7], abs=dz / 2)
+    # filled block by block into preallocated columns, as the stage does
+    out = {k: np.full(len(pdf), np.nan) for k in SUMMARIES}
+    pdf_out = np.empty_like(pdf)
+    for r0 in range(0, len(pdf), 1024):
+        summarise_cdf(cdf[r0:r0 + 1024].astype(np.float32), grid, dz, pdf_out=pdf_out[r0:r0 + 1024], out=out,
+                      at=slice(r0, r0 + 1024))
+    for k in SUMMARIES:
+        np.testing.assert_array_equal(out[k], got[k])
+    np.testing.assert_array_equal(pdf_out, got_pdf)
+
+
+def test_fast_features_equal_the_reference_features():
+    from workflows import photoz_data as pzd
+
+    rng = np.random.default_rng(5)
+    bands = ["u@psf", "g@psf", "r@psf", "u@kron", "g@kron", "r@kron"]
+    n = 5000
+    flux = rng.lognormal(5, 2, (n, len(bands))) * rng.choice([-1, 1], (n, len(bands)), p=[0.1, 0.9])
+    err = rng.uniform(5, 80, (n, len(bands)))
+    flux[rng.random(flux.shape) < 0.05] = np.nan
+    err[rng.random(err.shape) < 0.03] = 0.0
+    err[rng.random(err.shape) < 0.01] = np.inf
+    norm = pzd.fit_normalisation(flux, err, bands)
+    np.testing.assert_allclose(pzd.features(flux, err, norm), pzd.features_reference(flux, err, norm), atol=2e-6)
+    np.testing.assert_array_equal(pzd.features(flux[:0], err[:0], norm).shape, (0, len(norm["features"])))
+
+
+@needs_shipped
+def test_stage_pdf_matches_the_models_binned_probabilities():
+    """Whatever output the stage reads (cdf or prob), its p(z) is the model's prob / dz."""
+    from pipeline.modelcard import load_card
+    from pipeline.onnx import session
+    from stages.photoz import predict
+    from workflows import photoz_data as pzd
+
+    card = load_card(SHIPPED_MODEL)
+    objs = objects_table(700, shipped_columns())
+    cols = card.normalisation["pipeline_columns"]
+    flux = np.stack([np.asarray(objs[cols[b]["flux"]], float) for b in card.bands], axis=1)
+    err = np.stack([np.asarray(objs[cols[b]["err"]], float) for b in card.bands], axis=1)
+    res = predict(SHIPPED_MODEL, flux, err, card=card, batch=64)
+    sess = session(card.onnx_path(SHIPPED_MODEL), device="cpu")
+    (prob,) = sess.run(["prob"], {"features": pzd.features(flux, err, card.normalisation)})
+    dz = card.z_grid["dz"]
+    assert np.all(np.abs(res["pdf"] - prob / dz) <= 1e-4 / dz * prob.max(axis=1, keepdims=True))
+    ref = summarise(prob / dz, np.asarray(card.z_grid["centres"]), dz)
+    for k in SUMMARIES:
+        np.testing.assert_allclose(res[k], ref[k], atol=3e-3, err_msg=k)

@@ -170,3 +170,53 @@ def test_crps_and_pit_of_a_known_gaussian():
     want = sig * (w * (2 * norm.cdf(w) - 1) + 2 * norm.pdf(w) - 1 / np.sqrt(np.pi))
     np.testing.assert_allclose(crps(pdf, grid, dz, zt), want, atol=2e-4)
     np.testing.assert_allclose(pit_values(pdf, grid, dz, zt), norm.cdf(w), atol=2e-3)
+
+
+def test_cdf_output_is_the_cumulative_binned_probability(trained):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(trained / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["prob", "weight", "mu", "sigma", "cdf"]
+    x = np.random.default_rng(4).normal(0, 1.5, (200, 4 * len(BANDS) - 1)).astype(np.float32)
+    x[:, -len(BANDS):] = 0.0
+    prob, cdf = sess.run(["prob", "cdf"], {"features": x})
+    assert cdf.shape == (200, prob.shape[1] + 1)
+    np.testing.assert_allclose(cdf[:, 0], 0.0, atol=1e-7)
+    np.testing.assert_allclose(cdf[:, -1], 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.diff(cdf, axis=1), prob, atol=2e-6)
+
+
+def test_holdout_early_stopping_trains_on_every_row(tmp_path):
+    from workflows.train import photoz as tp
+
+    mapping = pzd.ColumnMapping.from_dict(MAPPING)
+    tr = pzd.photometry_from_columns(synthetic_catalog(400, 201), mapping, need_redshift=True)
+    ho = pzd.photometry_from_columns(synthetic_catalog(120, 202), mapping, need_redshift=True)
+    s = tp.TrainSettings(members=2, components=2, hidden=(16,), epochs=3, batch=128, early_stop="holdout", seed=3)
+    res = tp.train(tr, s, log=lambda m: None, holdout=ho)
+    assert res.n_train == 400 and res.n_val == 0 and res.val_idx is None
+    s.early_stop = "split"
+    res = tp.train(tr, s, log=lambda m: None, holdout=ho)
+    assert res.n_train + res.n_val == 400 and res.n_val == 60
+
+
+def test_member_crps_is_the_closed_form_of_a_gaussian_mixture():
+    import torch
+
+    from workflows.train.photoz import member_crps
+
+    class Mix:
+        def mixture(self, x):
+            return (torch.log(torch.tensor([[[0.3, 0.7]]])), torch.tensor([[[0.1, 0.5]]]),
+                    torch.tensor([[[0.05, 0.2]]]))
+
+    got = float(member_crps(Mix(), None, torch.tensor([0.3]))[0])
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+
+    def draw():
+        return np.where(rng.random(n) < 0.3, rng.normal(0.1, 0.05, n), rng.normal(0.5, 0.2, n))
+
+    x1, x2 = draw(), draw()
+    want = np.mean(np.abs(x1 - 0.3)) - 0.5 * np.mean(np.abs(x1 - x2))
+    assert got == pytest.approx(want, abs=1.5e-3)

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="one band's columns (repeat; instead of --mapping)")
     p.add_argument("--nondetection", default=None, help="'mag=99', 'nan', 'flux_le=0' or 'none'")
     p.add_argument("--hdf5-key", default=None, help="HDF5 group/dataset holding the table")
-    p.add_argument("--batch", type=int, default=256, help="objects per ONNX Runtime call")
+    p.add_argument("--batch", type=int, default=None, help="objects per ONNX Runtime call (default: the stage's)")
     p.add_argument("--no-pdf", action="store_true", help="leave photoz_pdf out (summaries only)")
     return p
 
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     ph = phot.reorder(list(card.bands))
     t0 = time.perf_counter()
-    res = predict(model_dir, ph.flux, ph.err, batch=a.batch, device="cpu", card=card)
+    from stages.photoz import BATCH
+
+    res = predict(model_dir, ph.flux, ph.err, batch=a.batch or BATCH, device="cpu", card=card)
     dt = time.perf_counter() - t0
     t = photoz_table(ph.ids, res, id_name=phot.id_name)
     cols = {k: v for k, v in t.columns.items() if not (a.no_pdf and k == "photoz_pdf")}

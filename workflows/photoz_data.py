@@ -529,7 +529,58 @@ def raw_features(flux: np.ndarray, err: np.ndarray, softening: np.ndarray,
 
 
 def features(flux: np.ndarray, err: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
-    """Standardised float32 features as the model expects them (``norm`` from the model card)."""
+    """Standardised float32 features as the model expects them (``norm`` from the model card).
+
+    The values of :func:`raw_features`, standardised with the card's mean/std, undefined entries
+    0; computed block by block straight into the float32 output (rows in chunks that stay in
+    cache): the stage's feature step, a fraction of a microsecond per object.
+    """
+    flux = np.asarray(flux)
+    err = np.asarray(err)
+    n, B = flux.shape
+    soft = np.asarray(norm["softening_njy"], np.float64)
+    mean = np.asarray(norm["feature_mean"], np.float64)
+    std = np.asarray(norm["feature_std"], np.float64)
+    pairs = colour_pairs(norm.get("bands") or [str(j) for j in range(B)])
+    ii = np.array([i for i, _ in pairs], np.int64)
+    jj = np.array([j for _, j in pairs], np.int64)
+    C = len(pairs)
+    F = 3 * B + C
+    if len(mean) != F:
+        raise ValueError(f"normalisation has {len(mean)} features, the bands give {F}")
+    out = np.empty((n, F), np.float32)
+    # mu = ZP - POGSON (asinh(f / 2s) + ln s): standardised = a_mu * asinh(f / 2s) + b_mu
+    a_mu = -POGSON / std[:B]
+    b_mu = (NJY_ZEROPOINT - POGSON * np.log(soft) - mean[:B]) / std[:B]
+    inv2s = 0.5 / soft
+    s2x4 = 4.0 * soft * soft
+    # log10(max(POGSON e / sqrt(f^2 + 4 s^2), 1e-4)), standardised
+    a_d, b_d = 1.0 / std[B:2 * B], -mean[B:2 * B] / std[B:2 * B]
+    # colour = mu_i - mu_j, standardised from the *unstandardised* mus
+    a_c, b_c = 1.0 / std[2 * B:2 * B + C], -mean[2 * B:2 * B + C] / std[2 * B:2 * B + C]
+    step = 2048
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        f = flux[r0:r1].astype(np.float64)
+        e = err[r0:r1].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(f) & np.isfinite(e) & (e > 0)
+        f = np.where(ok, f, 0.0)
+        e = np.where(ok, e, soft)
+        ash = np.arcsinh(f * inv2s)
+        mu = (NJY_ZEROPOINT - POGSON * np.log(soft)) - POGSON * ash
+        o = out[r0:r1]
+        o[:, :B] = np.where(ok, ash * a_mu + b_mu, 0.0)
+        dmu = np.log10(np.maximum(POGSON * e / np.sqrt(f * f + s2x4), 1e-4))
+        o[:, B:2 * B] = np.where(ok, dmu * a_d + b_d, 0.0)
+        if C:
+            o[:, 2 * B:2 * B + C] = np.where(ok[:, ii] & ok[:, jj], (mu[:, ii] - mu[:, jj]) * a_c + b_c, 0.0)
+        o[:, 2 * B + C:] = ~ok
+    return out
+
+
+def features_reference(flux: np.ndarray, err: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
+    """:func:`features` written plainly from :func:`raw_features` (the tests compare the two)."""
     x, undefined = raw_features(flux, err, np.asarray(norm["softening_njy"]), norm.get("bands"))
     mean = np.asarray(norm["feature_mean"], np.float64)
     std = np.asarray(norm["feature_std"], np.float64)

@@ -184,14 +184,16 @@ def tput(fn: Any, n_items: int, repeats: int = 3) -> float:
 
 def throughputs(model_dir: Path, n_features: int, n: int = 50000, batch: int | None = None) -> dict[str, float]:
     """Objects/s on one core: ONNX Runtime vs PyTorch (full p(z) and mixture only), and end to end;
-    both runtimes get the same batches (the stage's, 256 objects)."""
+    both runtimes get the same batches (the stage's BATCH)."""
     from stages.photoz import BATCH
 
     batch = batch or BATCH
     import onnxruntime as ort
 
     x = np.random.default_rng(0).normal(0, 1, (n, n_features)).astype(np.float32)
-    x[:, -((n_features + 1) // 4):] = 0.0  # indicators: all bands present
+    from pipeline.modelcard import load_card
+
+    x[:, -len(load_card(model_dir).bands):] = 0.0  # missing-band indicators: all bands present
     out: dict[str, float] = {}
 
     def ort_fn(path, outs=None):
@@ -343,7 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-catalog", help="with --catalog and --model: score that model on --catalog, baselines "
                                            "trained on this catalogue (no split, no retraining)")
     p.add_argument("--model", default=None, help="mock: model to score (default: the shipped one)")
-    p.add_argument("--workdir", default="out/photoz_mock", help="mock catalogues cache")
+    p.add_argument("--workdir", default=None, help="mock catalogues cache (default: the model card's training "
+                                                   "--workdir, else out/photoz_mock); cached catalogues are used "
+                                                   "whatever pipeline version measured them (the output notes it)")
     p.add_argument("--train-seeds", default=None, help="mock: baseline training seeds (default: the model card's)")
     p.add_argument("--val-seeds", default=None, help="mock: validation seeds (default: the model card's)")
     p.add_argument("--bench-seeds", default="9000-9005", help="mock: benchmark seeds (9000-9999)")
@@ -413,12 +417,14 @@ def main(argv: list[str] | None = None) -> int:
             tseeds = a.train_seeds or _flag(cmd, "--train-seeds", DEFAULT_TRAIN_SEEDS)
             vseeds = a.val_seeds or _flag(cmd, "--val-seeds", DEFAULT_VAL_SEEDS)
             src = _flag(cmd, "--mock-source", "pipeline")
+            workdir = Path(a.workdir or _flag(cmd, "--workdir", "out/photoz_mock"))
             for s_ in pzd._seed_list(a.bench_seeds):
                 check_seed(s_, "benchmark")
-            tr_path, _ = mock_catalogs(a.workdir, tseeds, vseeds, src, log)
+            from workflows.train.photoz import cached_or_build
+
+            tr_path, _ = mock_catalogs(workdir, tseeds, vseeds, src, log)
             tag = "" if src == "pipeline" else f"_{src}"
-            be_path = pzd.build_mock_catalog(a.bench_seeds, Path(a.workdir) / f"benchmark_{a.bench_seeds}{tag}.parquet",
-                                             workdir=Path(a.workdir) / "work", source=src, log=log)
+            be_path = cached_or_build(a.bench_seeds, workdir / f"benchmark_{a.bench_seeds}{tag}.parquet", workdir, src, log)
             mapping = pzd.mapping_from_pipeline_columns(card.normalisation["pipeline_columns"])
             ptr = pzd.load_catalog(tr_path, mapping, need_redshift=True)
             pte = pzd.load_catalog(be_path, mapping, need_redshift=True)
@@ -426,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
             val_rows = None
             title = (f"photo-z benchmark on the mock benchmark set (seeds {a.bench_seeds}, {len(pte)} galaxies; "
                      f"{src} photometry); trained on seeds {tseeds} ({len(ptr)} galaxies)")
+            if src == "pipeline":
+                fps = {pzd.table_meta(q).get("pipeline_fingerprint") for q in (tr_path, be_path)}
+                now = pzd.pipeline_fingerprint()
+                title += (f"\ncached catalogues {workdir}: pipeline fingerprint {', '.join(sorted(map(str, fps)))}"
+                          + ("" if fps == {now} else f" (current classical stages: {now}; used as cached)"))
     except pzd.MappingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,8 +4,12 @@
 on any FITS / Parquet / HDF5 catalogue with spectroscopic (or true) redshifts;
 ``surveypipe train photoz --mock --out MODEL_DIR`` builds the mock survey's own catalogues first
 (simulated releases run through the pipeline, measured photometry matched to truth; training
-seeds 1000-1019, card metrics on validation seeds 2000-2005; cached under ``out/photoz_mock``) --
-what ``make models`` runs.
+seeds 1000-1019, card metrics on validation seeds 2000-2005; cached under ``--workdir``, default
+``out/photoz_mock``) -- what ``make models`` runs. A cached catalogue is used as it is, whichever
+pipeline version measured it (the log says so when its pipeline fingerprint differs from the
+current classical stages'); delete it to rebuild. With ``--mock`` every training-seed row is
+trained on and the validation seeds early-stop and calibrate (``--early-stop holdout``; the card's
+hold-out metrics are on those same seeds -- the benchmark seeds 9000-9005 are never seen).
 
 Model. Inputs are the standardised features of :mod:`workflows.photoz_data` (asinh magnitudes,
 their errors, adjacent asinh colours, missing-band indicators). Each of ``members`` MLPs
@@ -15,10 +19,11 @@ band dropout so missing bands are learnt from the indicators. The ensemble's p(z
 weight mixture of all members' mixtures (model uncertainty widens it where members disagree). A
 single width factor for every sigma is then fitted by likelihood on the validation split.
 
-ONNX graph: ``features (N, F) float32 -> prob (N, G), weight (N, M*K), mu (N, M*K), sigma (N, M*K)``;
-``prob`` is the probability of each bin of the card's z grid, the mixture integrated exactly over
-each bin (erf at the bin edges), renormalised over [z_min, z_max] (``sum(prob) = 1``); the
-density on the grid's bin centres is ``prob / dz``.
+ONNX graph: ``features (N, F) float32 -> prob (N, G), weight (N, M*K), mu (N, M*K), sigma (N, M*K),
+cdf (N, G+1)``; ``prob`` is the probability of each bin of the card's z grid, the mixture integrated
+exactly over each bin (erf at the bin edges), renormalised over [z_min, z_max] (``sum(prob) = 1``);
+the density on the grid's bin centres is ``prob / dz``; ``cdf`` is the same renormalised mixture
+CDF at the G+1 bin edges (0 ... 1; ``diff(cdf)`` = ``prob`` up to rounding), what the stage reads.
 """
 from __future__ import annotations
 
@@ -64,6 +69,9 @@ class TrainSettings:
     threads: int = 1
     calibrate: bool = True
     max_minutes: float = 0.0     # 0: no wall-clock cap
+    crps_weight: float = 0.0     # > 0: loss = NLL + crps_weight * CRPS (in u) per member
+    early_stop: str = "split"    # "split": carve val_frac of the training rows; "holdout": train on every
+                                 # training row, early-stop and calibrate on the separate hold-out catalogue
 
     @property
     def edges(self) -> np.ndarray:
@@ -126,18 +134,27 @@ def build_model(n_features: int, bands: Sequence[str], s: TrainSettings, u_mean:
             w = (torch.exp(logw) / self.M).permute(1, 0, 2).reshape(n, self.M * self.K)
             mu = mu.permute(1, 0, 2).reshape(n, self.M * self.K)
             sigma = sigma.permute(1, 0, 2).reshape(n, self.M * self.K)
-            # standardised edges t = (u_edge - mu) / (sigma sqrt 2) (the difference first: exact near
-            # narrow components), the mixture CDF (x2 - 1) at the edges as one weighted sum, then the
-            # bin masses: 4 passes over the (N, MK, G+1) block, the cost that dominates the graph
+            # standardised edges t = (u_edge - mu) / (sigma sqrt 2), the mixture CDF (x2 - 1) at the
+            # edges as one weighted sum, then the bin masses: 3 passes over the (N, MK, G+1) block,
+            # the cost that dominates the graph
             # component centres are clipped to the grid for the binned p(z) (a mean beyond the grid
             # would leave only rounding noise to normalise); the mixture outputs stay unclipped
             inv = 1.0 / (sigma * math.sqrt(2.0))
             mu_in = torch.clamp(mu, min=self.u_lo, max=self.u_hi)
-            t = (self.u_edges.view(1, 1, -1) - mu_in.unsqueeze(-1)) * inv.unsqueeze(-1)
+            # t as one GEMM, [inv, -mu inv] (N MK, 2) @ [[u_edges], [1]] (2, G+1): a single pass
+            # writing the (N, MK, G+1) block instead of a broadcast Sub and Mul
+            E = self.u_edges.shape[0]
+            coef = torch.stack([inv, -mu_in * inv], dim=-1).reshape(n * self.M * self.K, 2)
+            rhs = torch.stack([self.u_edges, torch.ones_like(self.u_edges)], dim=0)
+            t = torch.matmul(coef, rhs).reshape(n, self.M * self.K, E)
             cdf = torch.matmul(w.unsqueeze(1), torch.erf(t)).squeeze(1)     # (N, G+1)
             mass = torch.clamp(cdf[:, 1:] - cdf[:, :-1], min=0.0)            # (N, G)
             prob = mass / torch.clamp(mass.sum(dim=1, keepdim=True), min=1e-30)
-            return prob, w, mu, sigma
+            # the same CDF at the G+1 edges, 0 at z_min and 1 at z_max: the stage's quantiles are
+            # binary searches in it (a cumulative sum over the grid costs more than the whole graph)
+            lo = cdf[:, :1]
+            cdf01 = (cdf - lo) / torch.clamp(cdf[:, -1:] - lo, min=1e-30)
+            return prob, w, mu, sigma, cdf01
 
     return PhotoZEnsemble()
 
@@ -150,6 +167,24 @@ def member_nll(model, x, u):
     zs = (u.view(1, -1, 1) - mu) / sigma
     logp = logw - 0.5 * zs * zs - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
     return -torch.logsumexp(logp, dim=-1).mean(dim=-1)
+
+
+def member_crps(model, x, u):
+    """Mean CRPS in u of every member's Gaussian mixture, (M,) (closed form, Grimit et al. 2006)."""
+    import torch
+
+    logw, mu, sigma = model.mixture(x)
+    w = torch.exp(logw)
+
+    def a(m, s):  # E|X| for X ~ N(m, s^2)
+        t = m / s
+        return s * math.sqrt(2 / math.pi) * torch.exp(-0.5 * t * t) + m * torch.erf(t / math.sqrt(2))
+
+    t1 = (w * a(u.view(1, -1, 1) - mu, sigma)).sum(-1)
+    dm = mu.unsqueeze(-1) - mu.unsqueeze(-2)
+    ds = torch.sqrt(sigma.unsqueeze(-1) ** 2 + sigma.unsqueeze(-2) ** 2)
+    t2 = (w.unsqueeze(-1) * w.unsqueeze(-2) * a(dm, ds)).sum((-1, -2))
+    return (t1 - 0.5 * t2).mean(dim=-1)
 
 
 def ensemble_nll(model, x, u, width: float | None = None):
@@ -218,33 +253,53 @@ def split_holdout(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print) -> TrainResult:
-    """Fit normalisation and the ensemble on ``phot`` (a validation split is carved automatically)."""
-    import torch
-
-    torch.set_num_threads(max(1, s.threads))
-    torch.manual_seed(s.seed)
+def usable_rows(phot: pzd.Photometry, s: TrainSettings, log: Any = print, what: str = "train") -> pzd.Photometry:
+    """Rows with a redshift inside the grid and at least 2 usable bands."""
     if phot.z is None:
         raise ValueError("training needs redshifts")
     ok = np.isfinite(phot.z) & (phot.z >= s.z_min) & (phot.z < s.z_max)
     if not ok.all():
-        log(f"train: dropping {int((~ok).sum())} rows with redshift outside [{s.z_min}, {s.z_max}) or not finite")
+        log(f"{what}: dropping {int((~ok).sum())} rows with redshift outside [{s.z_min}, {s.z_max}) or not finite")
         phot = phot.take(np.flatnonzero(ok))
     usable = (phot.status != pzd.MISSING).sum(axis=1) >= 2
     if not usable.all():
-        log(f"train: dropping {int((~usable).sum())} rows with fewer than 2 usable bands")
+        log(f"{what}: dropping {int((~usable).sum())} rows with fewer than 2 usable bands")
         phot = phot.take(np.flatnonzero(usable))
+    return phot
+
+
+def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print, holdout: pzd.Photometry | None = None) -> TrainResult:
+    """Fit normalisation and the ensemble on ``phot``.
+
+    ``s.early_stop == "split"`` (or no ``holdout``): a validation split of ``val_frac`` is carved from
+    ``phot`` for early stopping and the width calibration; ``"holdout"``: every row of ``phot`` is
+    trained on and ``holdout`` (a separate catalogue, same bands) early-stops and calibrates.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, s.threads))
+    torch.manual_seed(s.seed)
+    phot = usable_rows(phot, s, log)
     n = len(phot)
     if n < 20:
         raise ValueError(f"training catalogue too small ({n} usable rows)")
-    tr_idx, va_idx = split_holdout(n, s.val_frac, s.seed)
+    use_hold = s.early_stop == "holdout" and holdout is not None and len(holdout) > 0
+    if use_hold:
+        hold = usable_rows(holdout.reorder(phot.bands), s, log, what="early-stopping hold-out")
+        tr_idx, va_idx = np.arange(n), None
+    else:
+        tr_idx, va_idx = split_holdout(n, s.val_frac, s.seed)
     norm = pzd.fit_normalisation(phot.flux[tr_idx], phot.err[tr_idx], phot.bands)
     X = pzd.features(phot.flux, phot.err, norm)
     U = np.log1p(phot.z).astype(np.float32)
     u_mean, u_std = float(U[tr_idx].mean()), float(max(U[tr_idx].std(), 0.05))
     model = build_model(X.shape[1], phot.bands, s, u_mean, u_std)
     Xt, Ut = torch.from_numpy(X[tr_idx]), torch.from_numpy(U[tr_idx])
-    Xv, Uv = torch.from_numpy(X[va_idx]), torch.from_numpy(U[va_idx])
+    if use_hold:
+        Xv = torch.from_numpy(pzd.features(hold.flux, hold.err, norm))
+        Uv = torch.from_numpy(np.log1p(hold.z).astype(np.float32))
+    else:
+        Xv, Uv = torch.from_numpy(X[va_idx]), torch.from_numpy(U[va_idx])
     blank, ind = (torch.from_numpy(a) for a in band_feature_maps(phot.bands))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, s.patience // 4))
@@ -253,7 +308,8 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print) -> TrainResu
     best, best_state, best_epoch, bad = float("inf"), None, 0, 0
     hist: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    log(f"train: {len(tr_idx)} training rows, {len(va_idx)} validation rows, {X.shape[1]} features, bands "
+    log(f"train: {len(tr_idx)} training rows, {len(Xv)} "
+        f"{'hold-out catalogue' if use_hold else 'validation split'} rows (early stopping), {X.shape[1]} features, bands "
         f"{','.join(phot.bands)}; ensemble of {M} MDNs x {s.components} Gaussians, hidden {list(s.hidden)}")
     epoch = 0
     for epoch in range(1, s.epochs + 1):
@@ -266,10 +322,12 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print) -> TrainResu
             if s.band_dropout > 0:
                 xb = _drop_bands(xb, blank, ind, s.band_dropout, B, gen)
             loss = member_nll(model, xb, Ut[idx]).sum()
+            if s.crps_weight > 0:
+                loss = loss + s.crps_weight * member_crps(model, xb, Ut[idx]).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += loss.item() / M
+            tot += loss.item() / M  # (with crps_weight: NLL + weighted CRPS)
             nb += 1
         model.eval()
         with torch.no_grad():
@@ -298,9 +356,9 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print) -> TrainResu
     if s.calibrate and len(Xv) >= 50:
         width = calibrate_width(model, Xv, Uv)
         model.width.fill_(width)
-        log(f"calibration: sigma width factor {width:.3f} (maximum likelihood on the validation split)")
+        log(f"calibration: sigma width factor {width:.3f} (maximum likelihood on the {'hold-out catalogue' if use_hold else 'validation split'})")
     secs = time.perf_counter() - t0
-    return TrainResult(model, norm, s, hist, epoch, best_epoch, secs, len(tr_idx), len(va_idx), width, va_idx)
+    return TrainResult(model, norm, s, hist, epoch, best_epoch, secs, len(tr_idx), 0 if use_hold else len(Xv), width, va_idx)
 
 
 def _drop_bands(xb, blank, ind, frac, B, gen):
@@ -356,8 +414,9 @@ def export(result: TrainResult, out_dir: str | Path, *, holdout: pzd.Photometry 
     F = len(norm["features"])
     onnx_path = out_dir / "model.onnx"
     export_onnx(model, (torch.zeros(8, F),), onnx_path, input_names=["features"],
-                output_names=["prob", "weight", "mu", "sigma"],
-                dynamic_axes={"features": {0: "n"}, "prob": {0: "n"}, "weight": {0: "n"}, "mu": {0: "n"}, "sigma": {0: "n"}})
+                output_names=["prob", "weight", "mu", "sigma", "cdf"],
+                dynamic_axes={"features": {0: "n"}, "prob": {0: "n"}, "weight": {0: "n"}, "mu": {0: "n"}, "sigma": {0: "n"},
+                              "cdf": {0: "n"}})
     rng = np.random.default_rng(s.seed + 1)
     fresh = rng.normal(0, 1, (512, F)).astype(np.float32)
     fresh[:, -len(norm["bands"]):] = (rng.random((512, len(norm["bands"]))) < 0.1).astype(np.float32)
@@ -386,7 +445,9 @@ def export(result: TrainResult, out_dir: str | Path, *, holdout: pzd.Photometry 
         outputs={"prob": {"shape": ["n", len(centres)], "meaning": "probability of each z_grid bin (sum 1); density = prob / dz"},
                  "weight": {"shape": ["n", s.members * s.components], "meaning": "mixture weights (all members, sum 1)"},
                  "mu": {"shape": ["n", s.members * s.components], "meaning": "component means in u = ln(1+z)"},
-                 "sigma": {"shape": ["n", s.members * s.components], "meaning": "component sigmas in u (calibrated)"}},
+                 "sigma": {"shape": ["n", s.members * s.components], "meaning": "component sigmas in u (calibrated)"},
+                 "cdf": {"shape": ["n", len(centres) + 1], "meaning": "CDF at the z_grid bin edges (0 at the first, 1 at the last); "
+                                                                     "diff(cdf) = prob up to rounding"}},
         bands=list(norm["bands"]),
         normalisation={**norm, "pipeline_flux_kind": pipeline_flux_kind,
                        "pipeline_columns": pipeline_columns(norm["bands"], pipeline_flux_kind),
@@ -412,14 +473,19 @@ def predict_onnx(onnx_path: Path, phot: pzd.Photometry, norm: dict[str, Any], ba
 
     x = pzd.features(phot.reorder(norm["bands"]).flux, phot.reorder(norm["bands"]).err, norm)
     sess = session(onnx_path, device="cpu")
-    prob, w, mu, sigma = run_batched(sess, {"features": x}, batch=batch)
+    prob, w, mu, sigma = run_batched(sess, {"features": x}, batch=batch, outputs=["prob", "weight", "mu", "sigma"])
     return {"prob": prob, "weight": w, "mu": mu, "sigma": sigma}
 
 
-def throughput(onnx_path: Path, model: Any, n_features: int, n: int = 20000, batch: int = 256) -> dict[str, float]:
-    """Objects/s on one thread: ONNX Runtime vs the torch model, full p(z) and the mixture alone."""
+def throughput(onnx_path: Path, model: Any, n_features: int, n: int = 20000, batch: int | None = None) -> dict[str, float]:
+    """Objects/s on one thread: ONNX Runtime vs the torch model, full p(z) and the mixture alone
+    (batches of the stage's size)."""
     import onnxruntime as ort
     import torch
+
+    from stages.photoz import BATCH
+
+    batch = batch or BATCH
 
     from workflows.bench.photoz import tput  # objects per CPU-second: per core, robust to a shared machine
 
@@ -461,7 +527,10 @@ def _write_readme(out_dir: Path, card: Any) -> None:
              f"grid z = {card.z_grid['z_min']}..{card.z_grid['z_max']} (dz = {card.z_grid['dz']}, {card.z_grid['n']} bins).", "",
              f"- bands: {', '.join(card.bands)}; pipeline columns (nJy): "
              + ", ".join(f"`{c['flux']}`" for c in card.normalisation["pipeline_columns"].values()) + " and their `...Err`",
-             f"- training data: {t.get('catalog', '?')} ({t['n_train']} rows + {t['n_validation_split']} early-stopping rows), seed {t['seed']}",
+             f"- training data: {t.get('catalog', '?')} ({t['n_train']} rows"
+             + (f"; early stopping and calibration on the hold-out {t.get('holdout_catalog', 'catalogue')})"
+                if t['settings'].get('early_stop') == "holdout" and not t['n_validation_split']
+                else f" + {t['n_validation_split']} early-stopping rows)") + f", seed {t['seed']}",
              f"- epochs {t['epochs_run']} (best {t['best_epoch']}), {t['seconds']} s, sigma width factor {t['sigma_width_factor']}",
              f"- sha256 of model.onnx: `{card.sha256}`", "", "## Hold-out metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m.items()]
@@ -507,11 +576,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--val-frac", type=float, default=d.val_frac, help="validation split carved from the training catalogue")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--band-dropout", type=float, default=d.band_dropout)
+    g.add_argument("--crps-weight", type=float, default=d.crps_weight, help="loss = NLL + this x CRPS (in ln(1+z))")
     g.add_argument("--zmax", type=float, default=d.z_max)
     g.add_argument("--dz", type=float, default=d.dz)
     g.add_argument("--threads", type=int, default=d.threads, help="torch threads")
     g.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock cap on the epochs (0: none)")
     g.add_argument("--no-calibrate", action="store_true", help="skip the sigma width calibration")
+    g.add_argument("--early-stop", choices=["split", "holdout"], default=None,
+                   help="split: carve --val-frac of the training rows for early stopping and calibration; holdout: "
+                        "train on every training row, early-stop and calibrate on the hold-out catalogue "
+                        "(default: holdout with --mock, whose validation seeds are a separate catalogue; else split)")
     g.add_argument("--throughput-n", type=int, default=20000, help="objects timed for the card's throughput figures")
     return p
 
@@ -529,8 +603,9 @@ def mapping_from_args(a: argparse.Namespace, need_redshift: bool) -> pzd.ColumnM
 def settings_from_args(a: argparse.Namespace) -> TrainSettings:
     return TrainSettings(members=a.members, components=a.components, hidden=tuple(int(h) for h in a.hidden.split(",")),
                          epochs=a.epochs, patience=a.patience, batch=a.batch, lr=a.lr, val_frac=a.val_frac, seed=a.seed,
-                         band_dropout=a.band_dropout, z_max=a.zmax, dz=a.dz, threads=a.threads,
-                         calibrate=not a.no_calibrate, max_minutes=a.max_minutes)
+                         band_dropout=a.band_dropout, crps_weight=a.crps_weight, z_max=a.zmax, dz=a.dz, threads=a.threads,
+                         calibrate=not a.no_calibrate, max_minutes=a.max_minutes,
+                         early_stop=a.early_stop or ("holdout" if getattr(a, "mock", False) else "split"))
 
 
 def mock_catalogs(workdir: str | Path, train_seeds: str, val_seeds: str, source: str = "pipeline",
@@ -544,11 +619,22 @@ def mock_catalogs(workdir: str | Path, train_seeds: str, val_seeds: str, source:
         check_seed(s_, "validation")
     workdir = Path(workdir)
     tag = "" if source == "pipeline" else f"_{source}"
-    tr = pzd.build_mock_catalog(train_seeds, workdir / f"train_{train_seeds}{tag}.parquet", workdir=workdir / "work",
-                                source=source, log=log)
-    va = pzd.build_mock_catalog(val_seeds, workdir / f"validation_{val_seeds}{tag}.parquet", workdir=workdir / "work",
-                                source=source, log=log)
+    tr = cached_or_build(train_seeds, workdir / f"train_{train_seeds}{tag}.parquet", workdir, source, log)
+    va = cached_or_build(val_seeds, workdir / f"validation_{val_seeds}{tag}.parquet", workdir, source, log)
     return tr, va
+
+
+def cached_or_build(seeds: str, path: Path, workdir: Path, source: str, log: Any = print) -> Path:
+    """A cached mock catalogue is used as it is, whatever pipeline version measured it (the output
+    says so when its pipeline fingerprint differs from the current code's); a missing one is built."""
+    if path.exists():
+        got = pzd.table_meta(path).get("pipeline_fingerprint")
+        now = pzd.pipeline_fingerprint() if source == "pipeline" else None
+        note = "" if got == now else (f"; NOTE: measured by pipeline fingerprint {got}, the current classical stages "
+                                      f"are {now} -- cached catalogue used regardless (delete it to rebuild)")
+        log(f"mock catalogue {path}: cached{note}")
+        return path
+    return pzd.build_mock_catalog(seeds, path, workdir=workdir / "work", source=source, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,12 +668,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     info["command"] = "surveypipe train photoz " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = train(phot, s, log=log)
+    res = train(phot, s, log=log, holdout=hold)
     if hold is None:
         hold_label = f"validation split carved from the training catalogue ({res.n_val} rows, also used for early stopping)"
         hold_phot = phot_for_split(phot, res, s)
     else:
         hold_label = f"separate hold-out catalogue {info.get('holdout_catalog', str(val_catalog))}"
+        if s.early_stop == "holdout":
+            hold_label += " (also used for early stopping and the sigma width calibration)"
         hold_phot = hold
     export(res, a.out, holdout=hold_phot, holdout_label=hold_label, training_info=info,
            pipeline_flux_kind=a.flux_kind, log=log, throughput_n=a.throughput_n)
