@@ -85,14 +85,13 @@ def tile_bytes(manifest: Path) -> float:
 
 def run_once(manifest: Path, out: Path, workers: int, config: PipelineConfig) -> tuple[RunSummary, float, list[float], list[float]]:
     """Run the release on a fresh LocalCluster of ``workers`` processes; wall time and worker peak RSS."""
-    from distributed import Client
 
-    from pipeline.cluster import local_cluster
+    from pipeline.cluster import connect, local_cluster
 
     shutil.rmtree(out, ignore_errors=True)
     m = load_manifest(manifest)
     cluster = local_cluster(workers, dashboard=False)
-    client = Client(cluster)
+    client = connect(cluster)  # with the worker plugin, as `surveypipe run` does
     try:
         client.wait_for_workers(workers)
         # warm the workers (imports) so the timing is of the pipeline, not of Python start-up
