@@ -65,7 +65,8 @@ models: install-dev
 	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt --init-card out/train/artefacts/m3/card.json --steps 0
 	$(SP) train photoz --mock --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
-	$(SP) train lenses --out stages/models/lenses
+	$(SP) train lenses --out out/train/lenses/base --epochs 16
+	$(SP) train lenses --out stages/models/lenses --init out/train/lenses/base --epochs 10 --lr 1e-3
 
 clean:
 	rm -rf out data/demo .pytest_cache

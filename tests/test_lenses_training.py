@@ -36,3 +36,43 @@ def test_tiny_training_run_exports_a_working_onnx_model(tmp_path):
         np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
     assert Lenses.Config(model_dir=str(out)).model_dir == str(out)
     assert time.perf_counter() - t0 < 120  # ~10 s of CPU on an idle core; generous for shared CI machines
+
+
+def test_colour_residual_pairs_parse_band_names():
+    from workflows.train.lenses import colour_residual_pairs
+
+    assert colour_residual_pairs("g-i,r-i", "gri") == [[0, 2], [1, 2]]
+    assert colour_residual_pairs("none", "gri") == []
+    with pytest.raises(ValueError):
+        colour_residual_pairs("g-z", "gri")
+
+
+def test_colour_residual_planes_remove_the_deflector_colour_and_export_to_onnx(tmp_path):
+    import torch
+
+    from workflows.train.stamps import NET_KWARGS, export_stamp_model, make_spec, stamp_net
+
+    torch.manual_seed(0)
+    plain = stamp_net(3, 2, **NET_KWARGS)
+    assert plain.with_residuals(torch.zeros(1, 3, 48, 48)).shape[1] == 3      # default (morphology): unchanged
+    net = stamp_net(3, 2, **{**NET_KWARGS, "tta": 8, "colour_residual": [[0, 2], [1, 2]]})
+    net.eval()
+    # a red "deflector" (g = 0.4 i, r = 0.7 i in sky-sigma units) plus a blue arc only in g
+    yy, xx = np.mgrid[:48, :48] - 24.0
+    gal = 300.0 * np.exp(-0.5 * (xx**2 + yy**2) / 9.0)
+    arc = 5.0 * np.exp(-0.5 * ((np.hypot(xx, yy) - 9.0) / 1.0) ** 2)
+    flux = np.stack([0.4 * gal + arc, 0.7 * gal, gal])
+    x = torch.from_numpy(np.arcsinh(flux)[None].astype(np.float32))
+    planes = net.with_residuals(x)[0].numpy()
+    assert planes.shape == (5, 48, 48)
+    core = (np.abs(xx) < 3) & (np.abs(yy) < 3)
+    ring = np.abs(np.hypot(xx, yy) - 9.0) < 1.0
+    k = (0.4 * gal[20:28, 20:28].sum() + arc[20:28, 20:28].sum()) / gal[20:28, 20:28].sum()
+    np.testing.assert_allclose(planes[3], np.arcsinh(flux[0] - k * flux[2]), atol=2e-3)
+    assert np.abs(planes[3][core]).max() < 0.5 and planes[3][ring].mean() > 2.0   # arc left, deflector gone
+    np.testing.assert_allclose(planes[4], 0.0, atol=2e-3)                       # r - k i: nothing blue there
+    # the residual planes follow every symmetry of the stamp (same k), and the graph exports
+    for view in (x.flip(3), x.transpose(2, 3), torch.rot90(x, 1, (2, 3))):
+        assert np.allclose(net.with_residuals(view)[0, 3:].numpy().sum(), planes[3:].sum(), rtol=1e-4)
+    _, diff = export_stamp_model(net, tmp_path, make_spec("lenses", 48))
+    assert diff < 1e-4

@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--tta", type=int, default=8, choices=[1, 2, 4, 8], help="symmetries averaged at inference")
     p.add_argument("--widths", default="16,32,64,96", help="channels of the conv blocks")
+    p.add_argument("--colour-residual", default="none",
+                   help="colour-residual input planes computed inside the network (band pairs a-b, e.g. 'g-i,r-i': "
+                        "arcsinh(F_a - k F_b), k = the deflector's central flux ratio); 'none': the plain stamp "
+                        "(16 epochs with 'g-i,r-i' validated no better: ROC AUC 0.9675, TPR at FPR 0.1 %% 0.4925)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from the weights (model.pt) of this model directory, whose card's network must match "
+                        "(continued training; --lr is then the peak of a new one-cycle schedule)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
@@ -129,10 +136,35 @@ def main(argv: list[str] | None = None) -> int:
     tr = cached_lens_set(a.workdir, a.seed, "training", tr_counts, spec, a.min_lens_snr, kw)
     va = cached_lens_set(a.workdir, a.val_seed, "validation", va_counts, spec, 0.0, kw)
     t_sim = time.perf_counter() - t0
+    sim_note = None
+    made = [s.meta.get("seconds") for s in (tr, va)]
+    if all(isinstance(v, (int, float)) for v in made) and t_sim < 0.5 * sum(made):
+        sim_note = (f"sets re-used from the workdir cache; simulating them ({len(tr)} training + {len(va)} validation "
+                    f"stamps) took {sum(made):.0f} s wall-clock")
     print(f"train lenses: {len(tr)} training stamps, {len(va)} validation stamps ({t_sim:.0f} s)", flush=True)
 
+    try:
+        resid = colour_residual_pairs(a.colour_residual, a.bands)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     net = {**S.NET_KWARGS, "tta": a.tta, "widths": [int(w) for w in a.widths.split(",")]}
+    if resid:
+        net["colour_residual"] = resid
     model = S.stamp_net(spec.channels, len(CLASSES), **net)
+    init = None
+    if a.init is not None:
+        from pipeline.modelcard import load_card
+
+        icard = load_card(a.init)
+        if icard.training.get("net") != net:
+            print(f"error: --init {a.init}: its network {icard.training.get('net')} differs from {net}", file=sys.stderr)
+            return 2
+        model.load_state_dict(torch.load(Path(a.init) / "model.pt", map_location="cpu", weights_only=True))
+        init = {"model_dir": str(a.init), "onnx_sha256": icard.sha256, "epochs": icard.training.get("epochs"),
+                "steps": icard.training.get("steps"), "lr": icard.training.get("lr"),
+                "command": icard.training.get("command"), "init": icard.training.get("init")}
+        print(f"train lenses: starting from the weights of {a.init} ({init['epochs']} epochs)", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     log = S.fit(model, tr.x, tr.label.astype(np.int64), epochs=a.epochs, batch=a.batch, lr=a.lr, seed=a.seed,
                 x_val=va.x, y_val=va.label.astype(np.int64), max_steps=a.max_steps)
@@ -158,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         thresholds={"score_at_fpr_0.01": metrics["threshold_at_fpr_0.01"],
                     "score_at_fpr_0.001": metrics["threshold_at_fpr_0.001"]},
         training={"seed": a.seed, "counts": tr_counts, "n_stamps": len(tr), "min_lens_snr": a.min_lens_snr,
-                  "epochs": a.epochs, "steps": log["steps"], "batch": a.batch, "lr": a.lr, "threads": a.threads,
-                  "simulate_seconds": round(t_sim, 1), "train_seconds": round(t_train, 1), "train_cpu_seconds": round(c_train, 1), "log": log["epochs"],
+                  "epochs": a.epochs, "steps": log["steps"], **({"init": init} if init else {}), "batch": a.batch, "lr": a.lr, "threads": a.threads,
+                  "simulate_seconds": round(t_sim, 1), **({"simulation_note": sim_note} if sim_note else {}),
+                  "train_seconds": round(t_train, 1), "train_cpu_seconds": round(c_train, 1), "log": log["epochs"],
                   "lenses": "workflows.mock.lenses: SIE + external shear, theta_E U(0.5, 3)\", source z_d+U(0.3, 2), "
                             "Sersic or clumpy, CWW Scd..Im; deflectors = mock spheroids with i < 23.3, g-i > 0.8",
                   "architecture": "workflows.train.stamps.stamp_net", "net": net,
@@ -175,6 +208,19 @@ def main(argv: list[str] | None = None) -> int:
           f"at 0.1% {metrics['tpr_at_fpr_0.001']}, |ORT - torch| {diff:.2e}", flush=True)
     print(f"wrote {a.out / 'card.json'}")
     return 0
+
+
+def colour_residual_pairs(text: str, bands: str) -> list[list[int]]:
+    """``"g-i,r-i"`` -> channel index pairs ``[[0, 2], [1, 2]]`` for ``bands`` ("none" or "": no pairs)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    out = []
+    for item in text.split(","):
+        a, _, b = item.strip().partition("-")
+        if a not in bands or b not in bands or a == b:
+            raise ValueError(f"--colour-residual {item!r}: need two different bands of {bands!r} as a-b")
+        out.append([bands.index(a), bands.index(b)])
+    return out
 
 
 def cached_lens_set(workdir: Path, seed: int, purpose: str, counts: dict[str, int], spec: Any, min_lens_snr: float,
@@ -205,9 +251,15 @@ def write_readme(out: Path, card: Any) -> None:
              f"{card.classes}; `lens_score` = p(lens), the mean over Monte-Carlo dropout ({t.get('net', {}).get('mc_samples')} "
              f"fixed masks) x {t.get('net', {}).get('tta', 1)} symmetries of the stamp; `lens_scoreErr` their std. "
              f"Network: {t.get('net')}.", "",
-             "Used by `stages.lenses.Lenses`; retrain with `surveypipe train lenses --out stages/models/lenses`.", "",
+             "Used by `stages.lenses.Lenses`; "
+             + (f"reproduce with two runs: `{t['init'].get('command')}`, then `{t.get('command')}` (its `--init` "
+                "naming the first run's output), copying the result to `stages/models/lenses`." if t.get("init")
+                else "retrain with `surveypipe train lenses --out stages/models/lenses`."), "",
              "## Training", "", f"- lenses: {t.get('lenses')}", f"- set: {t.get('counts')} ({t.get('n_stamps')} stamps), "
              f"training lenses with lensed-source S/N >= {t.get('min_lens_snr')}",
+             *([f"- continued from the weights of `{t['init'].get('model_dir')}` (ONNX sha256 "
+                f"{str(t['init'].get('onnx_sha256'))[:12]}…, {t['init'].get('epochs')} epochs at peak lr "
+                f"{t['init'].get('lr')}: `{t['init'].get('command')}`)"] if t.get("init") else []),
              f"- {t.get('epochs')} epochs ({t.get('steps')} steps) on {t.get('threads')} CPU thread(s): "
              f"{t.get('train_seconds')} s training" + (f" ({t['train_cpu_seconds']} s CPU)" if t.get("train_cpu_seconds") else "")
              + f", {t.get('simulate_seconds')} s simulation" + (f" ({t['simulation_note']})" if t.get("simulation_note") else ""), "",

@@ -571,7 +571,8 @@ def collect_lens_set(seed: int, purpose: str, *, counts: dict[str, int], spec: C
 
 # ---------------------------------------------------------------- the network shared by both models
 def stamp_net(in_ch: int, n_classes: int, *, widths: Sequence[int] = (16, 32, 64, 64), hidden: int = 64,
-              p_drop: float = 0.3, mc_samples: int = 16, mask_seed: int = 0, tta: int = 1):
+              p_drop: float = 0.3, mc_samples: int = 16, mask_seed: int = 0, tta: int = 1,
+              colour_residual: Sequence[Sequence[int]] | None = None, residual_box: int = 8):
     """A small CNN for stamps with a Monte-Carlo-dropout head whose masks are fixed at export.
 
     Convolution blocks (3x3 conv, batch norm, ReLU; 2x2 max-pool between blocks), global average
@@ -584,6 +585,17 @@ def stamp_net(in_ch: int, n_classes: int, *, widths: Sequence[int] = (16, 32, 64
     set after training) before the softmax. ``tta`` > 1 also averages over that many symmetries of
     the stamp (4: the rotations by 90 degrees, 8: with their mirror images) in eval mode; the
     standard deviation is then over all (symmetry, mask) samples.
+
+    ``colour_residual`` (lens model; off by default, so the morphology model is unchanged): pairs
+    ``(a, b)`` of input channels; for each, an extra input plane ``arcsinh(F_a - k F_b)`` is computed
+    inside the network, where ``F = sinh(input)`` undoes the arcsinh stretch (flux in units of the
+    band's sky sigma) and ``k = sum F_a / sum F_b`` over the central ``residual_box``^2 pixels (the
+    deflector's colour, clamped to [0, 2]). With ``(g, i)`` and ``(r, i)`` this subtracts the red
+    deflector's light and leaves the bluer lensed arcs (the colour subtraction of ring finders; on
+    bright deflectors the arcsinh stretch turns an arc into a small relative change on the
+    deflector's profile). The exported graph still takes the normal ``in_ch``-channel stamps.
+    Tried for the lens model (16 epochs, same sets): no gain on validation (ROC AUC 0.9675 vs
+    0.9729 without), so no shipped model uses it.
     """
     if tta not in (1, 2, 4, 8):
         raise ValueError("tta must be 1, 2, 4 or 8")
@@ -594,7 +606,12 @@ def stamp_net(in_ch: int, n_classes: int, *, widths: Sequence[int] = (16, 32, 64
         def __init__(self) -> None:
             super().__init__()
             layers: list[nn.Module] = []
-            c = in_ch
+            self.resid = [(int(a), int(b)) for a, b in (colour_residual or [])]
+            for a, b in self.resid:
+                if not (0 <= a < in_ch and 0 <= b < in_ch and a != b):
+                    raise ValueError(f"colour_residual pair {(a, b)} outside the {in_ch} input channels")
+            self.box = int(residual_box)
+            c = in_ch + len(self.resid)
             for k, w in enumerate(widths):
                 layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
                 if k < len(widths) - 1:
@@ -611,8 +628,24 @@ def stamp_net(in_ch: int, n_classes: int, *, widths: Sequence[int] = (16, 32, 64
             self.register_buffer("temperature", torch.ones(()))
             self.register_buffer("logit_bias", torch.zeros(n_classes))
 
+        def with_residuals(self, x):
+            """The input planes plus one colour-residual plane per ``colour_residual`` pair."""
+            if not self.resid:
+                return x
+            # sinh / asinh written out: the ONNX exporter has no symbolic for aten::sinh
+            f = 0.5 * (torch.exp(x) - torch.exp(-x))
+            h, w = x.shape[-2], x.shape[-1]
+            y0, x0 = (h - self.box) // 2, (w - self.box) // 2
+            fc = f[:, :, y0:y0 + self.box, x0:x0 + self.box].sum(dim=(2, 3))      # (N, C)
+            planes = [x]
+            for a, b in self.resid:
+                k = (fc[:, a] / fc[:, b].clamp(min=1.0)).clamp(0.0, 2.0)
+                r = f[:, a] - k[:, None, None] * f[:, b]
+                planes.append((torch.sign(r) * torch.log(r.abs() + torch.sqrt(r * r + 1.0)))[:, None])
+            return torch.cat(planes, dim=1)
+
         def embed(self, x):
-            f = self.features(x)
+            f = self.features(self.with_residuals(x))
             return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
 
         def logits(self, x):
