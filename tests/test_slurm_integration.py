@@ -375,3 +375,41 @@ def test_heterogeneous_gpu_stage_on_the_gres_worker_job(release, tmp_path):
     store = CatalogStore(tmp_path / "out")
     for t in store.tile_ids():
         assert set(store.read_table(t, "gputable")["pid"].tolist()) == {pid_of["gpu-0"]}
+
+
+def test_out_of_memory_tile_is_retried_in_a_bigger_slurm_job(release, tmp_path):
+    """A tile that needs more memory than the 600 MB worker jobs have: the engine submits one more
+    job with twice the memory (``--mem``) advertising ``MEMORY``, and the tile completes there."""
+    from distributed import Client
+
+    from helpers_stages import CLASSICAL
+    from pipeline.config import PipelineConfig
+    from pipeline.execute import run_release
+    from pipeline.manifest import load_manifest
+    from pipeline.memory import MEMORY_RESOURCE
+    from pipeline.slurm import make_slurm_cluster, slurm_settings
+    from pipeline.store import CatalogStore
+
+    prologue = [f'export PYTHONPATH="{TESTS}${{PYTHONPATH:+:$PYTHONPATH}}"']
+    conf = jobqueue_file(tmp_path / "jobqueue.yaml", tmp_path / "logs", memory="600MB",
+                         **{"job-script-prologue": prologue})
+    manifest = load_manifest(release)
+    first = sorted(t.id for t in manifest.tiles)[0]
+    cfg = PipelineConfig(stages=[CLASSICAL, "helpers_stages:Hog"], retries=0, memory_escalations=2,
+                         stage_config={"hog": {"need_mb": 900, "only_tile": first}})
+    with make_slurm_cluster(slurm_settings(conf, {})) as cluster, Client(cluster) as client:
+        cluster.scale(jobs=1)
+        client.wait_for_workers(1, timeout=90)
+        summary = run_release(manifest, tmp_path / "out", cfg, client, progress=False)
+        workers = list(client.scheduler_info(n_workers=-1)["workers"].values())
+        big_jobs = [j for j in squeue() if j["name"].startswith("surveypipe")]
+    wait_for(lambda: not [j for j in squeue() if j["name"].startswith("surveypipe")], 30, "all worker jobs to end")
+    assert summary.exit_code == 0, summary.text()
+    rec = {r["tile"]: r for r in summary.records}
+    # dask-jobqueue hands the worker "572.20 MiB" for 600 MB: the base size is 599995187 B
+    assert rec[first]["memory_escalations"] == 1 and rec[first]["memory_bytes"] == pytest.approx(1.2e9, rel=1e-4)
+    mem = sorted((w.get("resources") or {}).get(MEMORY_RESOURCE, 0) for w in workers)
+    assert mem[0] == 0 and mem[1] == pytest.approx(1.2e9, rel=1e-4)
+    assert len(big_jobs) == 2, big_jobs  # the plain job and the bigger one
+    limits = CatalogStore(tmp_path / "out").read_table(first, "hogtable")["worker_limit"]
+    assert np.all(np.asarray(limits) == pytest.approx(1.2e9, rel=1e-2))  # the job's --memory-limit, rounded by jobqueue
