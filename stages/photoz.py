@@ -26,8 +26,10 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.modelcard import CARD_NAME, ModelCard, load_card
-from pipeline.stage import Stage, StageConfig
+from pipeline.stage import CAVEATS, Stage, StageConfig
 from pipeline.table import Table
+
+from .fingerprint import classical_fingerprint
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "photoz"
 ODDS_K = 0.06
@@ -268,4 +270,12 @@ class PhotoZ(Stage):
         ids = objects["objectId"] if "objectId" in objects else np.arange(n, dtype=np.int64)
         t = photoz_table(ids, res)
         t.attrs["photoz_bands_present"] = [b for b in bands if cols[b]["flux"] in objects]
-        return {"photoz": t}
+        out: dict[str, Any] = {"photoz": t}
+        trained = (card.training or {}).get("pipeline_fingerprint") if isinstance(card.training, dict) else None
+        if trained:  # a mock-trained model knows which photometry (errors, apertures) it learnt
+            now = classical_fingerprint()
+            t.attrs.update({"photoz_trained_on_pipeline": trained, "photoz_pipeline": now})
+            if trained != now and not config.flux_kind:
+                out[CAVEATS] = [f"photo-z model trained on photometry of classical stages {trained}, these are {now}: "
+                                "its p(z) calibration may be off; retrain it (make models)"]
+        return out

@@ -185,3 +185,27 @@ def test_stage_pdf_matches_the_models_binned_probabilities():
     ref = summarise(prob / dz, np.asarray(card.z_grid["centres"]), dz)
     for k in SUMMARIES:
         np.testing.assert_allclose(res[k], ref[k], atol=3e-3, err_msg=k)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_model_trained_on_other_photometry_is_a_caveat(tmp_path, same):
+    """The card's pipeline fingerprint against the running classical stages: a mismatch makes the
+    tile a partial success (p(z) calibrated for other errors), a match does not."""
+    import json
+    import shutil
+
+    from pipeline.stage import CAVEATS
+    from stages.fingerprint import classical_fingerprint
+
+    d = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, d)
+    card = json.loads((d / "card.json").read_text())
+    card["training"]["pipeline_fingerprint"] = classical_fingerprint() if same else "0123456789abcdef"
+    (d / "card.json").write_text(json.dumps(card))
+    objects = objects_table(50, shipped_columns())
+    out = PhotoZ().run({"objects": objects}, PhotoZConfig(model_dir=str(d)))
+    assert out["photoz"].attrs["photoz_pipeline"] == classical_fingerprint()
+    if same:
+        assert CAVEATS not in out
+    else:
+        assert "0123456789abcdef" in out[CAVEATS][0] and "retrain" in out[CAVEATS][0]

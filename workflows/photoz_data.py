@@ -773,17 +773,9 @@ def _seed_list(seeds: Iterable[int] | str) -> list[int]:
 def pipeline_fingerprint() -> str:
     """sha256 (16 hex) of the source of the stages that measure the photo-z inputs (the classical
     stages and their psf/flags helpers): which pipeline measured a mock catalogue."""
-    import hashlib
-    import inspect
+    from stages.fingerprint import classical_fingerprint
 
-    import stages
-
-    files = {Path(inspect.getsourcefile(c)) for c in getattr(stages, "CLASSICAL_STAGES", [])}
-    files |= {p for p in Path(stages.__file__).parent.glob("*.py") if p.stem in ("psf", "flags")}
-    h = hashlib.sha256()
-    for p in sorted(files):
-        h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()[:16]
+    return classical_fingerprint()
 
 
 def pipeline_catalog_for_seed(seed: int, workdir: str | Path, *, size: int = 2048, n_tiles: int = 1,
