@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -115,19 +114,13 @@ def lens_metrics(score: np.ndarray, ls: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    import torch
-
-    torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     try:
-        S.check_purpose(a.seed, "training")
-        S.check_purpose(a.val_seed, "validation")
+        survey, spec = S.start_training(a, MODEL_NAME)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    survey = S.survey_config()
-    spec = S.make_spec(MODEL_NAME, a.stamp, a.bands, survey)
+    import torch
     tr_counts, va_counts = _scaled(TRAIN_COUNTS, a.scale), _scaled(VAL_COUNTS, a.scale)
     print(f"train lenses: simulating {sum(tr_counts.values())} training and {sum(va_counts.values())} validation "
           f"stamps of {a.stamp}^2 px ({a.bands})", flush=True)

@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -84,19 +82,12 @@ def morphology_metrics(p: np.ndarray, y: np.ndarray, mag_i: np.ndarray, *, brigh
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    import torch
-
-    torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     try:
-        S.check_purpose(a.seed, "training")
-        S.check_purpose(a.val_seed, "validation")
+        survey, spec = S.start_training(a, MODEL_NAME)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    survey = S.survey_config()
-    spec = S.make_spec(MODEL_NAME, a.stamp, a.bands, survey)
     classes = list(S.MORPH_CLASSES)
     print(f"train morphology: simulating {a.train_tiles} training + {a.val_tiles} validation tiles of "
           f"{a.tile_size}^2 px ({a.bands}), stamps {a.stamp}^2 px", flush=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,19 @@ def make_spec(name: str, size: int, bands: str = BANDS, survey=None) -> CutoutSp
     norm = default_normalisation(bands, survey)
     return CutoutSpec(name, tuple(bands), int(size), len(bands) * len(norm["planes"]), norm,
                       pixel_scale_arcsec=float(survey.pixel_scale))
+
+
+def start_training(args: Any, name: str) -> tuple[Any, CutoutSpec]:
+    """Common start of a stamp-model training run: one thread count for OpenMP and torch, the
+    seeds checked against their purposes (ValueError otherwise), the survey and the stamp spec."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    check_purpose(args.seed, "training")
+    check_purpose(args.val_seed, "validation")
+    survey = survey_config()
+    return survey, make_spec(name, args.stamp, args.bands, survey)
 
 
 def check_purpose(seed: int, purpose: str) -> int:
