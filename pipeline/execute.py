@@ -135,10 +135,13 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
         segs = [({}, [s.name for s in plan])]
     elif CPU_RESOURCE in available:  # keep plain stages off the GPU workers when CPU ones say so
         segs = [(res or {CPU_RESOURCE: 1}, names) for res, names in segs]
+    def one_tile(tid: str) -> Manifest:  # what a task ships: the manifest of its own tile only
+        return manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
+
     by_key: dict[str, str] = {}
     futures = []
     for tid in selected:
-        one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
+        one = one_tile(tid)
         prev = None
         for i, (res, names) in enumerate(segs):
             last = i == len(segs) - 1
@@ -162,8 +165,7 @@ def run_release(manifest: Manifest, out_dir: str | Path, config: PipelineConfig,
                 need = base_mem * 2 ** (level + 1)
                 if ensure_memory_worker(client, need):  # one task for the whole tile, checkpoint reused
                     escalations[tid] = level + 1
-                    one = manifest.model_copy(update={"tiles": [manifest.tile(tid)], "problems": []})
-                    retry = client.submit(process_tile, one, tid, config, str(out_dir), from_stage=from_stage,
+                    retry = client.submit(process_tile, one_tile(tid), tid, config, str(out_dir), from_stage=from_stage,
                                           force=force, key=f"tile-{tid}-{token}-mem{level + 1}", pure=False,
                                           retries=config.retries, resources={MEMORY_RESOURCE: need})
                     by_key[retry.key] = tid

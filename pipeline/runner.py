@@ -162,10 +162,9 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 to_store[p] = products[p]
         t_write = time.perf_counter()
         old = committed or checkpoint or {}
-        caveats = list(tile.caveats if tile else old.get("input_caveats", []))
-        input_caveats = list(caveats)
-        for name, rec in record.items():
-            caveats += [f"{name}: {c}" for c in rec.get("caveats", [])] if not name.startswith("_") else []
+        input_caveats = list(tile.caveats if tile else old.get("input_caveats", []))
+        caveats = input_caveats + [f"{name}: {c}" for name, rec in record.items() if not name.startswith("_")
+                                   for c in rec.get("caveats", [])]
         attrs = {
             "tile_id": tile_id,
             "config_digest": digest,
