@@ -1,24 +1,32 @@
-"""Which classical pipeline measured a catalogue: a hash of the measuring stages' source.
+"""Which classical pipeline measured a catalogue: the measuring stages' versions and default configs.
 
 A photo-z model learns the error properties of the photometry it was trained on; its card
-records this fingerprint, and the photo-z stage compares it with the running code.
+records this fingerprint, and the photo-z stage compares it with the running stages.
+
+The fingerprint follows the engine's own contract for outputs (``pipeline.stage.cache_key``): a
+stage's ``version`` is bumped whenever its outputs change, so a speed-only refactor keeps the
+fingerprint (and the shipped model valid) while any change of the measurements moves it. An
+earlier scheme hashed the stages' source files, which flagged every shipped model as stale
+after edits that did not change a single output.
 """
 from __future__ import annotations
 
 import hashlib
-import inspect
+import json
 from functools import lru_cache
-from pathlib import Path
+from typing import Any
+
+
+def fingerprint_payload() -> dict[str, Any]:
+    """{stage name: {version, default config}} of the classical stages, in pipeline order."""
+    import stages
+
+    return {c.name: {"version": c.version, "config": c.Config().model_dump(mode="json")}
+            for c in getattr(stages, "CLASSICAL_STAGES", [])}
 
 
 @lru_cache(maxsize=1)
 def classical_fingerprint() -> str:
-    """sha256 (16 hex) of the source of the classical stages and their psf/flags helpers."""
-    import stages
-
-    files = {Path(inspect.getsourcefile(c)) for c in getattr(stages, "CLASSICAL_STAGES", [])}
-    files |= {p for p in Path(stages.__file__).parent.glob("*.py") if p.stem in ("psf", "flags")}
-    h = hashlib.sha256()
-    for p in sorted(files):
-        h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()[:16]
+    """sha256 (16 hex) of :func:`fingerprint_payload`."""
+    blob = json.dumps(fingerprint_payload(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

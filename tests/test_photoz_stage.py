@@ -209,3 +209,42 @@ def test_a_model_trained_on_other_photometry_is_a_caveat(tmp_path, same):
         assert CAVEATS not in out
     else:
         assert "0123456789abcdef" in out[CAVEATS][0] and "retrain" in out[CAVEATS][0]
+
+
+def test_the_shipped_model_matches_the_running_classical_stages():
+    """The shipped card was trained on photometry of the current classical stage versions: a
+    default run is not flagged as needing a retrain."""
+    import json
+
+    from stages.fingerprint import classical_fingerprint
+
+    card = json.loads((SHIPPED_MODEL / "card.json").read_text())
+    assert card["training"]["pipeline_fingerprint"] == classical_fingerprint()
+
+
+def test_the_fingerprint_moves_with_a_stage_version_or_config_but_not_with_its_source(monkeypatch):
+    """A version bump (the engine's marker of changed outputs) or another default config gives a new
+    fingerprint; nothing else about the stage enters it."""
+    import stages
+    from stages.fingerprint import classical_fingerprint
+
+    base = classical_fingerprint()
+    phot = stages.Photometry
+
+    def fresh(**attrs):
+        classical_fingerprint.cache_clear()
+        monkeypatch.setattr(stages, "CLASSICAL_STAGES",
+                            [c for c in stages.CLASSICAL_STAGES if c is not phot] + [type("P", (phot,), attrs)])
+        try:
+            return classical_fingerprint()
+        finally:
+            monkeypatch.undo()
+            classical_fingerprint.cache_clear()
+
+    assert fresh() == base  # same name, version, config: same fingerprint (order of stages kept by name)
+    assert fresh(version=phot.version + ".1") != base
+
+    class WiderConfig(phot.Config):
+        apertures_pix: list[float] = [3.0, 6.0, 9.0]
+
+    assert fresh(Config=WiderConfig) != base
