@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import socket
 import time
 import traceback
@@ -23,6 +22,7 @@ from .config import PipelineConfig
 from .dag import Dag
 from .errors import AlgorithmError, BadInputError, SurveypipeError
 from .manifest import Manifest
+from .rss import lifetime_peak_mb, phase_peak
 from .stage import CAVEATS, Stage, cache_key, config_hash, model_sha256
 from .store import CatalogStore
 from .tile import TileData, load_tile
@@ -128,12 +128,14 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
             current = s
             if "exposure" in s.requires and tile is None:
                 t_read = time.perf_counter()
-                tile = load_tile(manifest, manifest.tile(tile_id))
-                record["_read"] = {"seconds": round(time.perf_counter() - t_read, 4)}
+                with phase_peak() as mem:
+                    tile = load_tile(manifest, manifest.tile(tile_id))
+                record["_read"] = {"seconds": round(time.perf_counter() - t_read, 4), "peak_rss_mb": mem.peak_mb}
                 products["exposure"] = tile
             ts, cpu0 = time.perf_counter(), time.process_time()
             try:
-                out = s.run({r: products[r] for r in dag.inputs(s)}, cfgs[s.name])
+                with phase_peak() as mem:
+                    out = s.run({r: products[r] for r in dag.inputs(s)}, cfgs[s.name])
             except (SurveypipeError, MemoryError, OSError):
                 raise
             except Exception as exc:  # a bug or numerical failure in the stage: not retried
@@ -148,7 +150,7 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 "config": cfgs[s.name].model_dump(mode="json"), "config_hash": config_hash(cfgs[s.name]),
                 "models": {str(p.name): model_sha256(p) for p in s.model_files(cfgs[s.name])},
                 "seconds": round(time.perf_counter() - ts, 4), "cpu_seconds": round(time.process_time() - cpu0, 4),
-                "reused": False, **({"caveats": caveats} if caveats else {}),
+                "peak_rss_mb": mem.peak_mb, "reused": False, **({"caveats": caveats} if caveats else {}),
             }
         current = None
         # products to store: everything non-transient of the plan, reused ones carried over
@@ -181,11 +183,13 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
         }
         if final and [s.name for s in plan] != [s.name for s in full_plan]:
             raise AlgorithmError(f"tile {tile_id!r}: final task does not cover the whole plan")
-        store.commit_tile(tile_id, to_store, attrs, where="tile" if final else "checkpoint")
+        with phase_peak() as write_mem:
+            store.commit_tile(tile_id, to_store, attrs, where="tile" if final else "checkpoint")
         write_s = time.perf_counter() - t_write
         total = time.perf_counter() - t0
         stage_times = {k: {"seconds": v.get("seconds", 0.0), "cpu_seconds": v.get("cpu_seconds", 0.0),
-                           "reused": v.get("reused", False)} for k, v in record.items() if not k.startswith("_")}
+                           "peak_rss_mb": v.get("peak_rss_mb"), "reused": v.get("reused", False)}
+                       for k, v in record.items() if not k.startswith("_")}
         if previous is not None:  # the earlier segment's timings belong to this tile too
             for k, v in previous.get("stages", {}).items():
                 if not v.get("reused") and stage_times.get(k, {}).get("reused", True):
@@ -197,7 +201,8 @@ def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_d
                 + (previous or {}).get("read_seconds", 0.0),
                 "stages": stage_times, "host": socket.gethostname(), "caveats": caveats,
                 "pids": [*(previous or {}).get("pids", []), os.getpid()],
-                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "read_peak_rss_mb": record.get("_read", {}).get("peak_rss_mb"), "write_peak_rss_mb": write_mem.peak_mb,
+                "maxrss_mb": lifetime_peak_mb()}
     except BadInputError as exc:
         return _failure(tile_id, exc.kind, str(exc), stage=current.name if current else "read", file=exc.file,
                         seconds=time.perf_counter() - t0)

@@ -122,3 +122,25 @@ class Hog(Stage):
         t.add("objectId", ids, "", "id")
         t.add("worker_limit", np.full(len(ids), limit, np.float64), "B", "memory limit of the worker")
         return {"hogtable": t}
+
+
+class TouchConfig(StageConfig):
+    mb: int = Field(200, ge=0, description="megabytes to allocate and touch")
+
+
+class Touch(Stage):
+    """Touches ``mb`` megabytes for the length of its run: a stage with a known memory peak."""
+
+    name = "touch"
+    version = "1"
+    requires = ("objects",)
+    provides = {"touchtable": "objectId copy"}
+    Config = TouchConfig
+
+    def run(self, inputs: Mapping[str, Any], config: TouchConfig) -> dict[str, Any]:
+        block = np.ones(config.mb * 2**20, np.uint8)  # np.ones writes every page: resident
+        assert int(block[:: 4096].sum()) == block[:: 4096].size
+        del block
+        t = Table()
+        t.add("objectId", np.asarray(inputs["objects"]["objectId"]), "", "id")
+        return {"touchtable": t}

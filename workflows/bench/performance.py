@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import time
@@ -100,7 +99,7 @@ def run_once(manifest: Path, out: Path, workers: int, config: PipelineConfig) ->
         t = time.perf_counter()
         summary = run_release(m, out, config, client, progress=False)
         wall = time.perf_counter() - t
-        rss = list(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024).values())
+        rss = list(client.run(_peak_mb).values())
     finally:
         client.close()
         cluster.close()
@@ -117,21 +116,43 @@ def _warm_up() -> None:
     import stages  # noqa: F401
 
 
+def _peak_mb() -> float:
+    """The worker's peak resident set (MB): per-phase resets of the kernel's high-water mark
+    (pipeline.rss) also lower ``ru_maxrss``, so the engine keeps the lifetime maximum."""
+    from pipeline.rss import lifetime_peak_mb
+
+    return lifetime_peak_mb()
+
+
 def _rss_now_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, float]]:
-    """Per stage: wall and CPU seconds per megapixel per band, summed over tiles."""
-    tot: dict[str, dict[str, float]] = {}
+    """Per stage: wall and CPU seconds per megapixel per band, summed over tiles, and the highest
+    resident set of a worker while the stage ran (MB; None where not measurable). The FITS read
+    and Zarr write phases appear as ``(read)`` and ``(write)`` with their peaks only."""
+    tot: dict[str, dict[str, Any]] = {}
+
+    def peak(d: dict[str, Any], v: float | None) -> None:
+        if v is not None:
+            d["peak_rss_mb"] = max(d.get("peak_rss_mb") or 0.0, float(v))
+
     for rec in summary.records:
         for name, st in rec.get("stages", {}).items():
-            d = tot.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+            d = tot.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss_mb": None})
             d["seconds"] += st.get("seconds", 0.0)
             d["cpu_seconds"] += st.get("cpu_seconds", 0.0)
-    return {k: {"wall_s_per_mpix_band": v["seconds"] / mpix_band, "cpu_s_per_mpix_band": v["cpu_seconds"] / mpix_band,
-                "seconds": v["seconds"]} for k, v in tot.items()}
+            peak(d, st.get("peak_rss_mb"))
+    out = {k: {"wall_s_per_mpix_band": v["seconds"] / mpix_band, "cpu_s_per_mpix_band": v["cpu_seconds"] / mpix_band,
+               "seconds": v["seconds"], "peak_rss_mb": v["peak_rss_mb"]} for k, v in tot.items()}
+    for phase in ("read", "write"):
+        d: dict[str, Any] = {"peak_rss_mb": None}
+        for rec in summary.records:
+            peak(d, rec.get(f"{phase}_peak_rss_mb"))
+        out[f"({phase})"] = d
+    return out
 
 
 def time_budget(summary: RunSummary, wall: float, workers: int) -> dict[str, float]:
@@ -209,11 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     n1 = min(walls)
     base = results["runs"][n1]
     print(f"\nper stage ({n1} worker{'s' if n1 > 1 else ''}; seconds per megapixel per band, summed over tiles)")
-    print(f"{'stage':14s} {'wall s/MPix/band':>18s} {'CPU s/MPix/band':>17s}")
+    print(f"{'stage':14s} {'wall s/MPix/band':>18s} {'CPU s/MPix/band':>17s} {'worker peak RSS MB':>19s}")
     classical_s = 0.0
     total_s = 0.0
     for name, v in base["stages"].items():
-        print(f"{name:14s} {v['wall_s_per_mpix_band']:18.4f} {v['cpu_s_per_mpix_band']:17.4f}")
+        pk = f"{v['peak_rss_mb']:19.0f}" if v.get("peak_rss_mb") is not None else f"{'-':>19s}"
+        if "seconds" not in v:  # the read and write phases: memory only (their times are in the budget below)
+            print(f"{name:14s} {'':18s} {'':17s} {pk}")
+            continue
+        print(f"{name:14s} {v['wall_s_per_mpix_band']:18.4f} {v['cpu_s_per_mpix_band']:17.4f} {pk}")
         total_s += v["seconds"]
         if name in CLASSICAL:
             classical_s += v["seconds"]

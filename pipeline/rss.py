@@ -1,0 +1,68 @@
+"""Peak resident memory of one phase of a task (a stage, the FITS read, the Zarr write).
+
+``ru_maxrss`` only says how high a worker ever went, not which stage took it there. On Linux the
+kernel's high-water mark can be reset (``/proc/self/clear_refs``, value 5), so each phase's peak
+is measured on its own; the process-lifetime peak is kept here as the maximum over phases, since
+the reset also lowers ``ru_maxrss``. Where the reset is not allowed, phases report ``None``
+rather than a misleading running maximum.
+"""
+from __future__ import annotations
+
+import resource
+from contextlib import contextmanager
+from typing import Iterator
+
+_lifetime_peak_mb = 0.0
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    global _lifetime_peak_mb
+    hwm = _status_mb("VmHWM")
+    if hwm is None:
+        return False
+    _lifetime_peak_mb = max(_lifetime_peak_mb, hwm)  # keep what the reset is about to forget
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def lifetime_peak_mb() -> float:
+    """Highest resident set of this process so far (MB), across phase resets."""
+    peak = max(_lifetime_peak_mb, _status_mb("VmHWM") or 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    return round(peak, 1)  # as the phases' figures (rounding is monotone: never below a phase's peak)
+
+
+class Phase:
+    """Result of :func:`phase_peak`: ``peak_mb`` once the phase has ended (None if not measurable)."""
+
+    peak_mb: float | None = None
+
+
+@contextmanager
+def phase_peak() -> Iterator[Phase]:
+    """Measure the peak resident set (MB) reached inside the ``with`` block."""
+    ph = Phase()
+    ok = _reset_high_water_mark()
+    try:
+        yield ph
+    finally:
+        if ok:
+            hwm = _status_mb("VmHWM")
+            if hwm is not None:
+                ph.peak_mb = round(hwm, 1)
+                global _lifetime_peak_mb
+                _lifetime_peak_mb = max(_lifetime_peak_mb, hwm)
