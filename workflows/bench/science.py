@@ -84,8 +84,12 @@ def match_brightest_first(tx: np.ndarray, ty: np.ndarray, tmag: np.ndarray, dx: 
     return out
 
 
-def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool) -> dict[str, Any]:
-    """Our stages and SExtractor on one tile; returns the columns the metrics need and the timings."""
+def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
+                 settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Our stages and SExtractor on one tile; returns the columns the metrics need and the timings.
+
+    ``settings``: per-stage config overrides ({stage: {field: value}}), also given to SExtractor
+    where it has the same setting (thresholds, deblending, apertures, Kron factor)."""
     from pipeline.manifest import load_manifest
     from pipeline.tile import load_tile
     from stages import Background, Deblending, Detection, Photometry
@@ -96,15 +100,16 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool) -> 
     tile = load_tile(m, m.tile(tile_id))
     products: dict[str, Any] = {"exposure": tile}
     timing: dict[str, dict[str, float]] = {}
-    for cls in (Background, Detection, Deblending, Photometry):
+    cfgs = {cls: cls.Config(**(settings or {}).get(cls.name, {})) for cls in (Background, Detection, Deblending, Photometry)}
+    for cls, cfg in cfgs.items():
         st = cls()
         ins = {r: products[r] for r in (*st.requires, *st.optional) if r in products}
         w0, c0 = time.perf_counter(), time.process_time()
-        products.update(st.run(ins, cls.Config()))
+        products.update(st.run(ins, cfg))
         timing[st.name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     obj = products["objects"]
-    det_cfg = Detection.Config()
-    phot_cfg = Photometry.Config()
+    det_cfg = cfgs[Detection]
+    phot_cfg = cfgs[Photometry]
     ours: dict[str, Any] = {c: np.asarray(obj[c]) for c in ("x", "y", "detect_isPrimary", "detect_isDeblendedSource",
                                                             "flags", "refExtendedness")}
     for b in tile.bands:
@@ -122,8 +127,8 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool) -> 
         settings = sextractor.Settings(thresh=det_cfg.thresh, minarea=det_cfg.minarea, deblend_nthresh=det_cfg.deblend_nthresh,
                                        deblend_cont=det_cfg.deblend_cont, clean=det_cfg.clean, clean_param=det_cfg.clean_param,
                                        apertures_pix=tuple(phot_cfg.apertures_pix), kron_factor=phot_cfg.kron_factor,
-                                       min_kron_radius=phot_cfg.min_kron_radius, back_size=Background.Config().mesh,
-                                       back_filtersize=Background.Config().filter_size)
+                                       min_kron_radius=phot_cfg.min_kron_radius, back_size=cfgs[Background].mesh,
+                                       back_filtersize=cfgs[Background].filter_size)
         with tempfile.TemporaryDirectory(dir=work, prefix=f"sex-{tile_id}-") as tmp:
             r = sextractor.run_dual(snr, (~nodata).astype(np.float32),
                                     {b: tile.image[b] for b in tile.bands}, {b: tile.weight[b] for b in tile.bands},
@@ -517,7 +522,7 @@ def _goal_text(name: str, v: dict[str, Any]) -> str:
     return text
 
 
-def _run_tile(args: tuple[str, str, str, bool]) -> dict[str, Any]:
+def _run_tile(args: tuple[str, str, str, bool, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     return process_tile(*args)
 
 
@@ -533,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (default 64)")
     p.add_argument("--data", default=None, help="use this already simulated release (manifest.yaml) instead of simulating")
     p.add_argument("--no-sextractor", action="store_true", help="skip SExtractor (no comparison numbers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override a classical stage's setting (repeatable), as surveypipe run --set")
     p.add_argument("--seed-purpose", default="benchmark", choices=["benchmark", "test", "validation"], help=(
         "range the seed must come from: benchmark (the held-out default), or test/validation seeds for iterating "
         "on the stages without looking at the benchmark tiles"))
@@ -565,7 +572,15 @@ def main(argv: list[str] | None = None) -> int:
 
     m = load_manifest(manifest)
     tiles = sorted(t.id for t in m.tiles)
-    jobs = [(str(manifest), tid, str(out), run_sex) for tid in tiles]
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    try:
+        settings = load_config(overrides=a.overrides).stage_config if a.overrides else {}
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    jobs = [(str(manifest), tid, str(out), run_sex, settings) for tid in tiles]
     t0 = time.perf_counter()
     if a.workers > 1:
         with ProcessPoolExecutor(max_workers=a.workers) as ex:
@@ -589,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate(results, truth_dir, ref, scale)
     thr = throughput(results)
     meta = {"tiles": len(tiles), "size": a.size if not a.data else results[0]["shape"][0], "bands": "".join(results[0]["bands"]),
-            "seed": a.seed, "ref": ref, "sextractor": sextractor.version() if run_sex else "not run",
+            "seed": a.seed, "ref": ref, "settings": settings, "sextractor": sextractor.version() if run_sex else "not run",
             "pixel_scale_arcsec": scale, "processing_wall_s": time.perf_counter() - t0, "workers": a.workers,
             "per_tile": [{"tile": r["tile"], "rows": r["n_rows"], **r["deblend"], "timing": r["timing"],
                           **({"sextractor_cpu_s": r["sex"]["cpu_s"], "sextractor_wall_s": r["sex"]["wall_s"],
