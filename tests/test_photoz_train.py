@@ -150,8 +150,37 @@ def test_bench_scores_model_and_baselines_side_by_side(trained, capsys):
     for label in ("sigma_NMAD", "outliers |dz|>0.15", "sigma_IQR", "coverage 68 %", "PIT KS", "mean CRPS",
                   "kNN", "random forest", "extra trees", "onnx_pdf", "torch_pdf", "goals:"):
         assert label in text, label
+    for label in ("point estimates", "p(z) median", "p(z) mode", "p(z) mean", "regressor output",
+                  "each at its best point estimate"):
+        assert label in text, label
     res = json.loads((out / "photoz_bench.json").read_text())
     assert len(res["results"]) == 4 and res["throughput"]["onnx_pdf"] > 0
+    ours, *base = res["results"].values()
+    assert set(ours["point_estimates"]) == {"photoz_median", "photoz_mode", "photoz_mean"}
+    assert ours["point_estimates"]["photoz_median"]["sigma_nmad"] == ours["sigma_nmad"]  # the table's row
+    for b in base:  # the baselines' table rows stay their regressor output
+        assert set(b["point_estimates"]) == {"regressor", "photoz_median", "photoz_mode", "photoz_mean"}
+        assert b["point_estimates"]["regressor"]["sigma_nmad"] == b["sigma_nmad"]
+
+
+def test_bench_scores_every_point_estimate_of_a_skewed_pdf():
+    """A p(z) with its peak at the truth and a long tail: the mode is exact, median and mean lie high."""
+    from workflows.bench.photoz import evaluate_model
+
+    dz = 0.01
+    grid = np.arange(0.005, 4.0, dz)
+    zt = np.array([0.5, 1.0, 1.5])
+    pdf = np.where(grid[None, :] >= zt[:, None], np.exp(-(grid[None, :] - zt[:, None]) / 0.3), 0.0)
+    pdf += 1e-3 * np.exp(-0.5 * ((grid[None, :] - zt[:, None]) / 0.005) ** 2)  # a smooth peak at the truth
+    pdf /= pdf.sum(axis=1, keepdims=True) * dz
+    pe = evaluate_model(pdf, grid, dz, zt)["point_estimates"]
+    assert abs(pe["photoz_mode"]["bias"]) < 0.01
+    # exponential tail of scale 0.3 above the truth: median ln2 x 0.3, mean 0.3 above it
+    assert pe["photoz_median"]["bias"] == pytest.approx(np.median(0.3 * np.log(2) / (1 + zt)), abs=0.01)
+    assert pe["photoz_mean"]["bias"] == pytest.approx(np.median(0.3 / (1 + zt)), abs=0.01)
+    got = evaluate_model(pdf, grid, dz, zt, point=zt + 0.1)
+    assert got["point_estimates"]["regressor"]["bias"] == pytest.approx(np.median(0.1 / (1 + zt)))
+    assert got["bias"] == got["point_estimates"]["regressor"]["bias"]
 
 
 def test_crps_and_pit_of_a_known_gaussian():

@@ -10,9 +10,11 @@ on the same 75 % and scored on the 25 %. ``--catalog TEST --train-catalog TRAIN 
 score a trained model on TEST, baselines trained on TRAIN.
 
 Printed side by side, with dz = (z_phot - z_true) / (1 + z_true) and z_phot the p(z) median (the
-baselines' own point estimate): bias = median(dz), sigma_NMAD = 1.4826 median(|dz - median(dz)|),
-outlier fraction |dz| > 0.15, sigma_IQR = IQR(dz) / 1.349 and the rate of |dz| > max(3 sigma_IQR,
-0.06); for the p(z): coverage of the central 68 % and 95 % intervals, the PIT histogram and its
+baselines' own regressor output; below the table, every model's sigma_NMAD, outlier fraction and
+bias under each point estimate -- the median, mode and mean of its p(z), and a baseline's regressor
+output -- so no choice of point estimate is hidden; the goal uses the table's): bias = median(dz),
+sigma_NMAD = 1.4826 median(|dz - median(dz)|), outlier fraction |dz| > 0.15, sigma_IQR = IQR(dz) /
+1.349 and the rate of |dz| > max(3 sigma_IQR, 0.06); for the p(z): coverage of the central 68 % and 95 % intervals, the PIT histogram and its
 KS statistic, mean CRPS; training time; throughput (objects/s on one core) of ONNX Runtime and
 of the PyTorch model it was exported from. Baselines' p(z): the neighbours' redshifts (kNN) or
 the trees' predictions (forests), smoothed by a Gaussian of sigma 0.02 (1 + z), on the same grid.
@@ -275,12 +277,33 @@ def load_torch(model_dir: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- the report
-def evaluate_model(pdf: np.ndarray, z_grid: np.ndarray, dz: float, z_true: np.ndarray, point: np.ndarray | None = None) -> dict[str, Any]:
+POINT_ESTIMATES = ("photoz_median", "photoz_mode", "photoz_mean")  # from each p(z), for every model
+
+
+def evaluate_model(pdf: np.ndarray, z_grid: np.ndarray, dz: float, z_true: np.ndarray, point: np.ndarray | None = None,
+                   summ: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Point metrics of ``point`` (default: the p(z) median) and p(z) metrics; ``point_estimates``
+    holds the point metrics of every estimator: the median, mode and mean of the p(z) and, when
+    given, ``point`` as ``regressor`` (a baseline's own prediction)."""
     from stages.photoz import summarise
 
-    summ = summarise(pdf, z_grid, dz)
+    summ = summ if summ is not None else summarise(pdf, z_grid, dz)
     pm = point_metrics(summ["photoz_median"] if point is None else point, z_true)
-    return {**pm, **pdf_metrics(pdf, z_grid, dz, z_true, summ)}
+    alts = {k: point_metrics(summ[k], z_true) for k in POINT_ESTIMATES}
+    if point is not None:
+        alts = {"regressor": pm, **alts}
+    return {**pm, **pdf_metrics(pdf, z_grid, dz, z_true, summ), "point_estimates": alts}
+
+
+def point_estimate_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """sigma_NMAD / outlier fraction / bias of every model under every point estimate."""
+    lines = ["point estimates (sigma_NMAD / outliers |dz|>0.15 / bias); the table above uses the p(z) median "
+             "for ours and each baseline's regressor output (mean of the trees / distance-weighted kNN mean):"]
+    for n, r in results.items():
+        for k, m in r.get("point_estimates", {}).items():
+            label = "regressor output" if k == "regressor" else "p(z) " + k.removeprefix("photoz_")
+            lines.append(f"  {n:22s} {label:17s} {m['sigma_nmad']:.4f} / {m['outlier_frac_015']:.4f} / {m['bias']:+.4f}")
+    return lines
 
 
 ROWS = [("bias", "bias = median(dz)", "{:+.4f}"), ("sigma_nmad", "sigma_NMAD", "{:.4f}"),
@@ -316,6 +339,12 @@ def goal_lines(results: dict[str, dict[str, Any]], ours: str, tp: dict[str, floa
         best = min(trees, key=lambda n: results[n]["sigma_nmad"])
         r = o["sigma_nmad"] / results[best]["sigma_nmad"]
         out.append(f"sigma_NMAD ours / best tree ({best}) = {r:.3f} (goal <= 0.8): {'met' if r <= 0.8 else 'NOT met'}")
+        # the same ratio with every model at its own best point estimate (information, not the goal)
+        pe = lambda n: results[n].get("point_estimates") or {"as above": results[n]}  # noqa: E731
+        ok, ko = min(pe(ours).items(), key=lambda kv: kv[1]["sigma_nmad"])
+        bt, bk, bm = min(((n, k, m) for n in trees for k, m in pe(n).items()), key=lambda t: t[2]["sigma_nmad"])
+        out.append(f"(each at its best point estimate: ours {ko['sigma_nmad']:.4f} ({ok}) / {bt} {bm['sigma_nmad']:.4f} "
+                   f"({bk}) = {ko['sigma_nmad'] / bm['sigma_nmad']:.3f})")
     if base:
         bo = min(results[n]["outlier_frac_015"] for n in base)
         out.append(f"outlier fraction ours {o['outlier_frac_015']:.4f} vs best baseline {bo:.4f} (goal <=): "
@@ -475,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     tp_lines.append("  (onnx_pdf/torch_pdf: p(z) on the grid in the graph; *_mixture: mixture parameters only; "
                     "end_to_end: features + ONNX + summaries, as the stage runs)")
     goals = goal_lines(results, ours, tp)
-    report = "\n".join([text, *tp_lines, "goals:", *("  " + g for g in goals)])
+    report = "\n".join([text, *point_estimate_lines(results), *tp_lines, "goals:", *("  " + g for g in goals)])
     print(report)
     (out / "photoz_bench.json").write_text(json.dumps({"title": title, "results": results, "throughput": tp,
                                                        "goals": goals, "model_sha256": card.sha256}, indent=1))
