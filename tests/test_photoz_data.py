@@ -177,3 +177,21 @@ def test_band_dropout_blanks_every_set_of_a_band():
     assert {n for n, v in zip(names, ind[0]) if v} == {"missing_g@psf", "missing_g@ap03"}
     assert pipeline_columns(["g", "r@ap06"], "psf") == {"g": {"flux": "g_psfFlux", "err": "g_psfFluxErr"},
                                                         "r@ap06": {"flux": "r_ap06Flux", "err": "r_ap06FluxErr"}}
+
+
+@pytest.mark.slow
+def test_mock_seeds_simulated_side_by_side_equal_those_made_one_at_a_time(tmp_path):
+    """The photo-z mock catalogue is the same table whether its seeds are simulated and measured
+    one after another or two at a time (each seed is independent and cached on its own)."""
+    from workflows.photoz_data import build_mock_catalog, read_columns, table_meta
+
+    paths = {}
+    for jobs in (1, 2):
+        paths[jobs] = build_mock_catalog("150-151", tmp_path / f"cat{jobs}.parquet", workdir=tmp_path / f"work{jobs}",
+                                         size=256, bands="gri", jobs=jobs, log=lambda m: None)
+    assert table_meta(paths[1])["seeds"] == table_meta(paths[2])["seeds"] == [150, 151]
+    cols = ["seed", "truth_id", "z_true", "i_kronFlux", "i_kronFluxErr"]
+    one, two = read_columns(paths[1], cols), read_columns(paths[2], cols)
+    assert len(one["seed"]) > 20 and set(np.unique(one["seed"])) == {150, 151}
+    for c in cols:
+        np.testing.assert_array_equal(one[c], two[c], err_msg=c)

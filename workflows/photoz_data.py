@@ -861,7 +861,7 @@ def pipeline_catalog_for_seed(seed: int, workdir: str | Path, *, size: int = 204
 
 def build_mock_catalog(seeds: Iterable[int] | str, out_path: str | Path, *, workdir: str | Path | None = None,
                        source: str = "pipeline", size: int = 2048, bands: str = "ugrizy", workers: int = 1,
-                       galaxies_only: bool = True, log: Any = print, n_library: int = 20000) -> Path:
+                       galaxies_only: bool = True, log: Any = print, n_library: int = 20000, jobs: int = 1) -> Path:
     """A photo-z catalogue (Parquet) of the mock survey for the given seeds, cached at ``out_path``.
 
     ``source="pipeline"``: the pipeline's own measured photometry (every flux kind of
@@ -874,6 +874,17 @@ def build_mock_catalog(seeds: Iterable[int] | str, out_path: str | Path, *, work
         return out_path
     seeds = _seed_list(seeds)
     workdir = Path(workdir) if workdir else out_path.parent / f"{out_path.stem}_work"
+    todo = [sd for sd in seeds if not (workdir / f"seed{sd}.npz").exists()]
+    if source == "pipeline" and jobs > 1 and len(todo) > 1:
+        # seeds are independent and each is cached on its own: simulate them side by side (same bytes as one
+        # at a time), then read them back in seed order below
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo))) as ex:
+            futs = [ex.submit(pipeline_catalog_for_seed, sd, workdir, size=size, bands=bands, workers=workers,
+                              log=print) for sd in todo]
+            for f in futs:
+                f.result()
     parts = []
     for s in seeds:
         if source == "pipeline":

@@ -626,7 +626,8 @@ def mock_catalogs(workdir: str | Path, train_seeds: str, val_seeds: str, source:
 
 def cached_or_build(seeds: str, path: Path, workdir: Path, source: str, log: Any = print) -> Path:
     """A cached mock catalogue is used as it is, whatever pipeline version measured it (the output
-    says so when its pipeline fingerprint differs from the current code's); a missing one is built."""
+    says so when its pipeline fingerprint differs from the current code's); a missing one is built,
+    ``SURVEYPIPE_SIM_JOBS`` seeds at a time (default: 2, or 1 on a one-core machine)."""
     if path.exists():
         got = pzd.table_meta(path).get("pipeline_fingerprint")
         now = pzd.pipeline_fingerprint() if source == "pipeline" else None
@@ -634,7 +635,8 @@ def cached_or_build(seeds: str, path: Path, workdir: Path, source: str, log: Any
                                       f"are {now} -- cached catalogue used regardless (delete it to rebuild)")
         log(f"mock catalogue {path}: cached{note}")
         return path
-    return pzd.build_mock_catalog(seeds, path, workdir=workdir / "work", source=source, log=log)
+    jobs = int(os.environ.get("SURVEYPIPE_SIM_JOBS", min(2, os.cpu_count() or 1)))
+    return pzd.build_mock_catalog(seeds, path, workdir=workdir / "work", source=source, log=log, jobs=jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
