@@ -65,8 +65,9 @@ models: install-dev
 	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt --init-card out/train/artefacts/m3/card.json --steps 0
 	$(SP) train photoz --mock --workdir out/photoz_mock_v3 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
-	$(SP) train lenses --out out/train/lenses/base --epochs 16
-	$(SP) train lenses --out stages/models/lenses --init out/train/lenses/base --epochs 10 --lr 1e-3
+	$(SP) train lenses --out out/train/lenses/e36 --epochs 36 --threads 1 && \
+	  cp out/train/lenses/e36/model.onnx out/train/lenses/e36/model.pt out/train/lenses/e36/card.json \
+	     out/train/lenses/e36/README.md stages/models/lenses/
 
 clean:
 	rm -rf out data/demo .pytest_cache

@@ -76,3 +76,13 @@ def test_colour_residual_planes_remove_the_deflector_colour_and_export_to_onnx(t
         assert np.allclose(net.with_residuals(view)[0, 3:].numpy().sum(), planes[3:].sum(), rtol=1e-4)
     _, diff = export_stamp_model(net, tmp_path, make_spec("lenses", 48))
     assert diff < 1e-4
+
+
+def test_train_scale_enlarges_only_the_training_set():
+    from workflows.train.lenses import TRAIN_COUNTS, VAL_COUNTS, _parser, set_counts
+
+    assert set_counts() == (TRAIN_COUNTS, VAL_COUNTS)
+    a = _parser().parse_args(["--train-scale", "2", "--scale", "0.5"])
+    tr, va = set_counts(a.scale, a.train_scale)
+    assert tr == TRAIN_COUNTS
+    assert va == {k: int(round(v * 0.5)) for k, v in VAL_COUNTS.items()}

@@ -1,6 +1,8 @@
 """Train the lens-finding model: a small CNN on gri stamps of plausible deflectors, exported to ONNX.
 
-``surveypipe train lenses --out stages/models/lenses`` (what ``make models`` runs):
+``surveypipe train lenses --out out/train/lenses/e36 --epochs 36 --threads 1`` then copying the result to
+``stages/models/lenses`` (what ``make models`` runs; 36 epochs of one one-cycle schedule from scratch,
+peak lr 3e-3, is the default):
 
 1. simulates stamps with :func:`workflows.train.stamps.collect_lens_set` (training seed 1100,
    validation seed 2100): mock-population deflector candidates on mock-population neighbour
@@ -43,13 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=S.SEEDS["lenses"]["training"], help="training seed (1000-1999)")
     p.add_argument("--val-seed", type=int, default=S.SEEDS["lenses"]["validation"], help="validation seed (2000-2999)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every set size by this (smoke tests: 0.01)")
+    p.add_argument("--train-scale", type=float, default=1.0,
+                   help="also multiply the training set's sizes (not the validation set's) by this: more stamps from "
+                        "the same training seed, drawn from a correspondingly larger candidate population")
     p.add_argument("--stamp", type=int, default=48, help="stamp side (pixels)")
     p.add_argument("--bands", default=S.BANDS, help="bands in channel order")
     p.add_argument("--min-lens-snr", type=float, default=10.0, help="training lenses: lensed-source S/N at least this")
     p.add_argument("--field", type=int, default=S.FIELD, help="mosaic field side (pixels)")
     p.add_argument("--pool", type=int, default=None, help="candidate population side (pixels; default: by set size)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="simulated sets are cached here")
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=36,
+                   help="epochs of one one-cycle (cosine) schedule; 36 validated better than 16 + 10 continued")
     p.add_argument("--tta", type=int, default=8, choices=[1, 2, 4, 8], help="symmetries averaged at inference")
     p.add_argument("--widths", default="16,32,64,96", help="channels of the conv blocks")
     p.add_argument("--colour-residual", default="none",
@@ -69,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _scaled(counts: dict[str, int], f: float) -> dict[str, int]:
     return {k: max(1, int(round(v * f))) for k, v in counts.items()}
+
+
+def set_counts(scale: float = 1.0, train_scale: float = 1.0) -> tuple[dict[str, int], dict[str, int]]:
+    """(training, validation) stamps per kind: ``scale`` multiplies both, ``train_scale`` only the training set."""
+    return _scaled(TRAIN_COUNTS, scale * train_scale), _scaled(VAL_COUNTS, scale)
 
 
 def tpr_at_fpr(score: np.ndarray, label: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import torch
-    tr_counts, va_counts = _scaled(TRAIN_COUNTS, a.scale), _scaled(VAL_COUNTS, a.scale)
+    tr_counts, va_counts = set_counts(a.scale, a.train_scale)
     print(f"train lenses: simulating {sum(tr_counts.values())} training and {sum(va_counts.values())} validation "
           f"stamps of {a.stamp}^2 px ({a.bands})", flush=True)
     t0 = time.perf_counter()
@@ -247,7 +258,8 @@ def write_readme(out: Path, card: Any) -> None:
              "Used by `stages.lenses.Lenses`; "
              + (f"reproduce with two runs: `{t['init'].get('command')}`, then `{t.get('command')}` (its `--init` "
                 "naming the first run's output), copying the result to `stages/models/lenses`." if t.get("init")
-                else "retrain with `surveypipe train lenses --out stages/models/lenses`."), "",
+                else f"reproduce with one run, `{t.get('command') or 'surveypipe train lenses'}` (what `make models` runs; "
+                     "its `--out` may name a scratch directory whose files were then copied to `stages/models/lenses`)."), "",
              "## Training", "", f"- lenses: {t.get('lenses')}", f"- set: {t.get('counts')} ({t.get('n_stamps')} stamps), "
              f"training lenses with lensed-source S/N >= {t.get('min_lens_snr')}",
              *([f"- continued from the weights of `{t['init'].get('model_dir')}` (ONNX sha256 "
