@@ -62,12 +62,19 @@ def export_peak(store: CatalogStore, fmt: str, dest) -> tuple[int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fits", "parquet", "votable"])
 def test_peak_memory_stays_near_one_tile_whatever_the_release_size(stores, tmp_path, fmt):
+    """Three exports of each release: every peak stays under 4 tiles, and the usual peak (the least of
+    the three) does not grow with the release. A single export's peak also carries a sporadic
+    ~0.6-tile transient of the chunk reads, of any release size; comparing single exports made the
+    growth check flaky."""
     one_tile = one_tile_bytes(stores[SMALL])
     export_catalog(stores[SMALL].out, fmt, tmp_path / f"warm.{fmt}")  # imports and caches outside the measurement
-    n_small, small = export_peak(stores[SMALL], fmt, tmp_path / f"small.{fmt}")
-    n_large, large = export_peak(stores[LARGE], fmt, tmp_path / f"large.{fmt}")
+    runs = {k: [export_peak(stores[k], fmt, tmp_path / f"{k}-{i}.{fmt}") for i in range(3)] for k in (SMALL, LARGE)}
+    rows = {k: {n for n, _ in v} for k, v in runs.items()}
+    small, large = (min(p for _, p in runs[k]) for k in (SMALL, LARGE))
+    worst = max(p for _, p in runs[LARGE])
     print(f"{fmt}: one tile {one_tile / 2**20:.1f} MiB; export peak {small / one_tile:.2f} tiles for a "
-          f"{SMALL}-tile release, {large / one_tile:.2f} tiles for a {LARGE}-tile release")
-    assert n_large > 2 * n_small
-    assert large < 4 * one_tile, f"{fmt} export peak {large / one_tile:.1f} tiles (release of {LARGE})"
+          f"{SMALL}-tile release, {large / one_tile:.2f} tiles for a {LARGE}-tile release (worst of three "
+          f"{worst / one_tile:.2f})")
+    assert len(rows[SMALL]) == len(rows[LARGE]) == 1 and min(rows[LARGE]) > 2 * min(rows[SMALL])
+    assert worst < 4 * one_tile, f"{fmt} export peak {worst / one_tile:.1f} tiles (release of {LARGE})"
     assert large < 1.25 * small, f"{fmt} export peak grows with the release: {small} -> {large} bytes"

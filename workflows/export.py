@@ -451,6 +451,7 @@ def iter_tiles(plan: ExportPlan) -> Iterator[tuple[str, Table]]:
             out.info[c.name] = c.info
         del t
         yield tid, out
+        del out  # the consumer holds it now; it must not outlive the next tile's read here
 
 
 class _Counted:
@@ -464,6 +465,7 @@ class _Counted:
             self.rows += len(t)
             self.tiles += 1
             yield t
+            del t  # so that reading the next tile never holds two
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -670,7 +672,7 @@ def _write_fits(plan: ExportPlan, tables: Iterable[Table], path: Path) -> int:
                 arr[c.name] = t[c.name]
             hdu.append(arr)
             n += len(t)
-            del arr
+            del arr, t  # before the stream reads the next tile
     return n
 
 
@@ -687,4 +689,5 @@ def _write_parquet(plan: ExportPlan, tables: Iterable[Table], path: Path) -> int
                 continue
             writer.write_table(arrow_table(plan, t, schema))
             n += len(t)
+            del t  # before the stream reads the next tile
     return n

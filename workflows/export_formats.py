@@ -187,7 +187,7 @@ def write_votable(plan: ExportPlan, tables: Iterable[Table], path: Path) -> int:
                 f.write("\n")
             carry = bytes(data[cut:])
             n += len(t)
-            del data
+            del data, t  # before the stream reads the next tile
         if carry:
             f.write(base64.b64encode(carry).decode("ascii"))
             f.write("\n")
@@ -251,6 +251,7 @@ def write_hats(plan: ExportPlan, tables: Iterable[Table], work: Path, *, name: s
         pq.write_table(arrow_table(plan, t, schema), str(p))
         files.append(str(p))
         n += len(t)
+        del t  # before the stream reads the next tile
     if not files:
         raise ExportError("nothing to export: a HATS catalogue needs at least one row (0 rows selected)")
     row_bytes = sum(c.dtype.itemsize * int(np.prod(c.shape)) for c in plan.columns)
