@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=None, help="lens candidate population side (pixels; default by set size)")
     p.add_argument("--jobs", type=int, default=max(1, min(LENS_PARTS, os.cpu_count() or 1)),
                    help="processes for the lens benchmark set (the set itself does not depend on this)")
+    p.add_argument("--throughput-stamps", type=int, default=2048, help="stamps timed per model in the throughput part")
     p.add_argument("--skip", choices=["morphology", "lenses", "throughput"], action="append", default=[],
                    help="leave out a part (repeatable)")
     return p
@@ -354,10 +355,10 @@ def bench_throughput(a: argparse.Namespace, out: dict[str, Any], say) -> None:
     say("")
     say("THROUGHPUT  (one core: ONNX Runtime 1 intra-op thread, torch.set_num_threads(1); batches of 256)")
     for name, stage, model_dir in (("morphology", Morphology, a.morph_model), ("lenses", Lenses, a.lens_model)):
-        d = Path(model_dir) if model_dir else stage.model_dir(stage.Config())
+        d = Path(model_dir) if model_dir else stage().model_dir(stage.Config())
         card, spec, _ = load_stamp_model(d, "cpu")
         assert isinstance(spec, CutoutSpec)
-        n = 2048
+        n = a.throughput_stamps
         x, y = rng.uniform(0, w, n), rng.uniform(0, h, n)
         cut_rate = throughput(lambda: spec.stamps(images, x, y, weights=weights, bad=bad), n)
         inp, _ = spec.stamps(images, x, y, weights=weights, bad=bad)
