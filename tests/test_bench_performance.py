@@ -1,0 +1,35 @@
+"""Smoke run of ``surveypipe bench performance`` on a tiny release (test seeds): the scaling table,
+its independent-process control, the small-tiles run and the per-stage memory all come out."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workflows.bench import performance
+
+
+@pytest.mark.slow
+def test_bench_performance_smoke_reports_scaling_with_its_machine_control(tmp_path, capsys):
+    out = tmp_path / "perf"
+    args = ["--tiles", "4", "--size", "256", "--bands", "gri", "--seed", "160", "--seed-purpose", "test",
+            "--small-tiles", "2", "--small-size", "128", "--no-models", "--out", str(out)]
+    assert performance.main(args) == 0
+    text = capsys.readouterr().out
+    assert "scaling (efficiency" in text and "independent one-worker processes" in text
+    res = json.loads((out / "performance.json").read_text())
+    one, two = res["runs"]["1"], res["runs"]["2"]
+    tiles = {"t0000", "t0001", "t0002", "t0003"}
+    assert set(one["tile_s"]) == set(two["tile_s"]) == tiles
+    assert 0 < two["efficiency"] <= 2.5 and one["wall_s"] > 0
+    # each shard's first tile pays the imports and is left out: one tile per shard remains
+    ind = two["independent_tile_s"]
+    assert len(ind) == 2 and set(ind) < tiles and all(v > 0 for v in ind.values())
+    assert res["small_tiles"]["task_s"] > 0
+    for stage in ("background", "detection", "deblending", "photometry"):
+        assert one["stages"][stage]["seconds"] > 0 and one["stages"][stage]["peak_rss_mb"] > 0
+
+
+def test_bench_performance_refuses_a_training_seed(tmp_path):
+    with pytest.raises(ValueError):
+        performance.main(["--seed", "1000", "--out", str(tmp_path)])
