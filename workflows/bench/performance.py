@@ -130,28 +130,38 @@ def _rss_now_mb() -> float:
 
 def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, float]]:
     """Per stage: wall and CPU seconds per megapixel per band, summed over tiles, and the highest
-    resident set of a worker while the stage ran (MB; None where not measurable). The FITS read
-    and Zarr write phases appear as ``(read)`` and ``(write)`` with their peaks only."""
+    resident set of a worker while the stage ran (MB; None where not measurable), over all tiles
+    and over each worker's first tile only (a fresh worker: what one tile needs, without the heap
+    kept from earlier tiles). The FITS read and Zarr write phases appear as ``(read)`` and
+    ``(write)`` with their peaks only."""
     tot: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
 
-    def peak(d: dict[str, Any], v: float | None) -> None:
-        if v is not None:
-            d["peak_rss_mb"] = max(d.get("peak_rss_mb") or 0.0, float(v))
+    def peak(d: dict[str, Any], v: float | None, first: bool) -> None:
+        for key in ("peak_rss_mb", "first_tile_peak_rss_mb") if first else ("peak_rss_mb",):
+            if v is not None:
+                d[key] = max(d.get(key) or 0.0, float(v))
 
-    for rec in summary.records:
-        for name, st in rec.get("stages", {}).items():
-            d = tot.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss_mb": None})
-            d["seconds"] += st.get("seconds", 0.0)
-            d["cpu_seconds"] += st.get("cpu_seconds", 0.0)
-            peak(d, st.get("peak_rss_mb"))
-    out = {k: {"wall_s_per_mpix_band": v["seconds"] / mpix_band, "cpu_s_per_mpix_band": v["cpu_seconds"] / mpix_band,
-               "seconds": v["seconds"], "peak_rss_mb": v["peak_rss_mb"]} for k, v in tot.items()}
-    for phase in ("read", "write"):
-        d: dict[str, Any] = {"peak_rss_mb": None}
-        for rec in summary.records:
-            peak(d, rec.get(f"{phase}_peak_rss_mb"))
-        out[f"({phase})"] = d
-    return out
+    def phases(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        out = dict(rec.get("stages", {}))
+        out.update({f"({ph})": {"peak_rss_mb": rec.get(f"{ph}_peak_rss_mb")} for ph in ("read", "write")})
+        return out
+
+    for rec in summary.records:  # completion order: a worker's first record is its first tile
+        pid = (rec.get("pids") or [None])[-1]
+        first = pid not in seen
+        seen.add(pid)
+        for name, st in phases(rec).items():
+            d = tot.setdefault(name, {"peak_rss_mb": None, "first_tile_peak_rss_mb": None})
+            if not name.startswith("("):
+                d["seconds"] = d.get("seconds", 0.0) + st.get("seconds", 0.0)
+                d["cpu_seconds"] = d.get("cpu_seconds", 0.0) + st.get("cpu_seconds", 0.0)
+            peak(d, st.get("peak_rss_mb"), first)
+    for v in tot.values():
+        if "seconds" in v:
+            v["wall_s_per_mpix_band"] = v["seconds"] / mpix_band
+            v["cpu_s_per_mpix_band"] = v.pop("cpu_seconds") / mpix_band
+    return tot
 
 
 def time_budget(summary: RunSummary, wall: float, workers: int) -> dict[str, float]:
@@ -257,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     n1 = min(walls)
     base = results["runs"][n1]
     print(f"\nper stage ({n1} worker{'s' if n1 > 1 else ''}; seconds per megapixel per band, summed over tiles)")
-    print(f"{'stage':14s} {'wall s/MPix/band':>18s} {'CPU s/MPix/band':>17s} {'worker peak RSS MB':>19s}")
+    print(f"{'stage':14s} {'wall s/MPix/band':>18s} {'CPU s/MPix/band':>17s} {'peak RSS MB, 1st tile':>22s} "
+          f"{'any tile':>9s}")
     classical_s = 0.0
     total_s = 0.0
     for name, v in base["stages"].items():
-        pk = f"{v['peak_rss_mb']:19.0f}" if v.get("peak_rss_mb") is not None else f"{'-':>19s}"
+        pk = "".join(f"{v[k]:{w}.0f}" if v.get(k) is not None else f"{'-':>{w}s}"
+                     for k, w in (("first_tile_peak_rss_mb", 22), ("peak_rss_mb", 10)))
         if "seconds" not in v:  # the read and write phases: memory only (their times are in the budget below)
             print(f"{name:14s} {'':18s} {'':17s} {pk}")
             continue
@@ -281,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
           f"of {a.size}²): "
           f"{tile_pixel_bytes / 2**20:.0f} MB; ratio peak/tile {peak * 2**20 / tile_pixel_bytes:.2f}, "
           f"(peak − idle)/tile {(peak - idle) * 2**20 / tile_pixel_bytes:.2f} (goal ≤ 3)")
+    first = max((v.get("first_tile_peak_rss_mb") or 0.0) for v in base["stages"].values())
+    if first:
+        print(f"  first tile of a fresh worker: {first:.0f} MB, ratio {first * 2**20 / tile_pixel_bytes:.2f} (later "
+              f"tiles add heap kept from earlier ones: see pipeline.cluster.tune_malloc)")
+        base["first_tile_peak_rss_mb"] = first
     cores = n1
     print(f"whole-pipeline throughput: {mpix / walls[n1] / cores:.3f} MPix/s/core of sky, "
           f"{mpix_band / walls[n1] / cores:.3f} band-MPix/s/core (wall {walls[n1]:.1f} s)")
