@@ -13,6 +13,13 @@ from pipeline.table import Table
 CLASSICAL = "stages:CLASSICAL_STAGES"
 
 
+def object_ids(inputs: Mapping[str, Any]) -> Table:
+    """A table with the tile's objectId column: what each of these test stages returns, at least."""
+    t = Table()
+    t.add("objectId", np.asarray(inputs["objects"]["objectId"]), "", "id")
+    return t
+
+
 class SlowConfig(StageConfig):
     seconds: float = Field(0.0, ge=0, description="sleep this long (to be interrupted)")
 
@@ -28,9 +35,7 @@ class Slow(Stage):
 
     def run(self, inputs: Mapping[str, Any], config: SlowConfig) -> dict[str, Any]:
         time.sleep(config.seconds)
-        t = Table()
-        t.add("objectId", np.asarray(inputs["objects"]["objectId"]), "", "id")
-        return {"slowtable": t}
+        return {"slowtable": object_ids(inputs)}
 
 
 class Boom(Stage):
@@ -62,10 +67,8 @@ class GpuCopy(Stage):
     def run(self, inputs, config):
         import os
 
-        t = Table()
-        ids = np.asarray(inputs["objects"]["objectId"])
-        t.add("objectId", ids, "", "id")
-        t.add("pid", np.full(len(ids), os.getpid(), np.int64), "", "worker pid")
+        t = object_ids(inputs)
+        t.add("pid", np.full(len(t), os.getpid(), np.int64), "", "worker pid")
         return {"gputable": t}
 
 
@@ -85,8 +88,7 @@ class Warn(Stage):
     def run(self, inputs, config):
         from pipeline.stage import CAVEATS
 
-        t = Table()
-        t.add("objectId", np.asarray(inputs["objects"]["objectId"]), "", "id")
+        t = object_ids(inputs)
         return {"warntable": t, CAVEATS: [config.caveat]}
 
 
@@ -117,10 +119,8 @@ class Hog(Stage):
             del block
         elif need and limit and limit < need:
             raise MemoryError(f"needs {need / 1e6:.0f} MB, the worker has {limit / 1e6:.0f} MB")
-        t = Table()
-        ids = np.asarray(inputs["objects"]["objectId"])
-        t.add("objectId", ids, "", "id")
-        t.add("worker_limit", np.full(len(ids), limit, np.float64), "B", "memory limit of the worker")
+        t = object_ids(inputs)
+        t.add("worker_limit", np.full(len(t), limit, np.float64), "B", "memory limit of the worker")
         return {"hogtable": t}
 
 
@@ -141,6 +141,4 @@ class Touch(Stage):
         block = np.ones(config.mb * 2**20, np.uint8)  # np.ones writes every page: resident
         assert int(block[:: 4096].sum()) == block[:: 4096].size
         del block
-        t = Table()
-        t.add("objectId", np.asarray(inputs["objects"]["objectId"]), "", "id")
-        return {"touchtable": t}
+        return {"touchtable": object_ids(inputs)}
