@@ -136,7 +136,8 @@ class Stamps:
         cx, cy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
         ix, iy = cx[:, None] + g[None, :], cy[:, None] + g[None, :]
         okx, oky = (ix >= 0) & (ix < w), (iy >= 0) & (iy < h)
-        idx = np.clip(iy, 0, h - 1)[:, :, None] * w + np.clip(ix, 0, w - 1)[:, None, :]
+        it = np.int32 if h * w < 2**31 else np.int64  # half the memory of every stamp set's index
+        idx = np.clip(iy, 0, h - 1).astype(it)[:, :, None] * it(w) + np.clip(ix, 0, w - 1).astype(it)[:, None, :]
         interior = okx.all(axis=1) & oky.all(axis=1)
         e = ~interior
         inside = oky[e][:, :, None] & okx[e][:, None, :]
@@ -460,6 +461,7 @@ class Photometry(Stage):
             if own_c is not None and mrows.size:
                 kr[mrows] = deblended_kron_radius(coadd, den, own_c, msets_c, mrows, x_c, y_c, a, b, th, config.kron_rmax,
                                                   shape, shift=(x - x_c, y - y_c))
+        del num, den, coadd, own_c, msets_c, shp  # the coadd's work is done: its memory goes to the band loop
         kr = np.where(np.isfinite(kr) & (kr > 0), kr, 0.0)
         kscale = np.maximum(config.kron_factor * kr, config.min_kron_radius)
         kA, kB = kscale * a, kscale * b
@@ -549,7 +551,8 @@ class Photometry(Stage):
                     rhs[ms.rows] = np.einsum("nij,nij->n", gw, ms.gather(img))
                     g2[ms.rows] = np.einsum("nij,nij->n", g, g)
                     models.append(g)
-                    mwts.append(wm)
+                    lo, hi = max(ms.half - ch, 0), ms.half + min(ch, ms.half) + 1
+                    mwts.append(np.ascontiguousarray(wm[:, lo:hi, lo:hi]))  # the PSF fit's window is all it needs
                 amp = solve_amplitudes(psf, diag, rhs, g2, measured, pairs, x, y, cov)
                 mtot = np.zeros(h * w, np.float32)
                 for k, ms in enumerate(msets):
@@ -562,8 +565,10 @@ class Photometry(Stage):
                     sub = Stamps(ms.rows, min(ch, ms.half), ms.ox, ms.oy, ms.interior, ms.idx, ms.inside,
                                  ms.dx[:, lo:hi], ms.dy[:, lo:hi])
                     ey, ex = psf_factors(psf, sub)
-                    own_psf[ms.rows] = separable_dot(ey, np.ascontiguousarray((mwts[k] * g)[:, lo:hi, lo:hi]), ex)
+                    own_psf[ms.rows] = separable_dot(ey, mwts[k] * g[:, lo:hi, lo:hi], ex)
+                    models[k] = mwts[k] = None  # done with this set: the memory goes to the next one
                 mtot = mtot.reshape(shape)
+                del g, wm, gw  # the measurement stamps below need the memory
             # --- measurements on the measurement stamps
             fl = np.zeros((n, napt + 1))
             var = np.zeros((n, napt + 1))
