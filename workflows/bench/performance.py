@@ -1,5 +1,7 @@
-"""Performance benchmark (issue 9): per-stage cost, I/O vs compute vs orchestration, memory,
-scaling from 1 to N workers, per-task overhead on many small tiles, and SExtractor as the yardstick.
+"""Performance benchmark (issue 9): per-stage cost, I/O vs compute vs orchestration, memory
+(each stage's peak on a fresh worker's first tile and over all tiles), scaling from 1 to N workers
+with a control of N independent one-worker processes (the machine's own ceiling), per-task
+overhead on many small tiles, and SExtractor as the yardstick.
 
 Every figure is measured in this one run on this machine and printed with its unit.
 ``surveypipe bench performance --help`` lists the options.
