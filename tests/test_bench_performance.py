@@ -25,6 +25,7 @@ def test_bench_performance_smoke_reports_scaling_with_its_machine_control(tmp_pa
     # each shard's first tile pays the imports and is left out: one tile per shard remains
     ind = two["independent_tile_s"]
     assert len(ind) == 2 and set(ind) < tiles and all(v > 0 for v in ind.values())
+    assert two["machine_ceiling"] > 0
     assert res["small_tiles"]["task_s"] > 0
     for stage in ("background", "detection", "deblending", "photometry"):
         st = one["stages"][stage]

@@ -787,7 +787,6 @@ def pipeline_catalog_for_seed(seed: int, workdir: str | Path, *, size: int = 204
     """
     import shutil
     import subprocess
-    import sys
     import time
 
     workdir = Path(workdir)
@@ -802,9 +801,10 @@ def pipeline_catalog_for_seed(seed: int, workdir: str | Path, *, size: int = 204
 
         write_release(rel, n_tiles=n_tiles, size=size, bands=bands, seed=seed, progress=False)
     t1 = time.perf_counter()
-    exe = Path(sys.executable).with_name("surveypipe")
-    cmd = [str(exe) if exe.exists() else "surveypipe", "run", str(rel / "manifest.yaml"), "--out", str(run),
-           "--workers", str(workers), "--target", "objects", "--no-progress"]
+    from workflows import surveypipe_command
+
+    cmd = surveypipe_command("run", rel / "manifest.yaml", "--out", run, "--workers", workers, "--target", "objects",
+                             "--no-progress")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"pipeline run for seed {seed} failed ({res.returncode}): {res.stderr[-2000:]}")

@@ -140,9 +140,10 @@ def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, fl
     seen: set[int] = set()
 
     def peak(d: dict[str, Any], v: float | None, first: bool) -> None:
+        if v is None:
+            return
         for key in ("peak_rss_mb", "first_tile_peak_rss_mb") if first else ("peak_rss_mb",):
-            if v is not None:
-                d[key] = max(d.get(key) or 0.0, float(v))
+            d[key] = max(d.get(key) or 0.0, float(v))
 
     def phases(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out = dict(rec.get("stages", {}))
@@ -183,15 +184,14 @@ def independent_shards_tile_seconds(manifest: Path, out: Path, n: int, stages: s
     first tile is left out (it pays the imports and model loading), so the others compare with the
     same tiles in a one-worker run: how much the busy cores slow each other down. Empty if a
     shard failed or no shard had a second tile."""
-    import sys
+    from workflows import surveypipe_command
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cfg = out / "config.yaml"
     cfg.write_text(json.dumps({"stages": stages, "device": device}))
-    exe = Path(sys.executable).with_name("surveypipe")
-    procs = [subprocess.Popen([str(exe) if exe.exists() else "surveypipe", "run", str(manifest), "--out", str(out / f"shard{i}"),
-                               "--shard", f"{i}/{n}", "--workers", "1", "--no-progress", "--config", str(cfg)],
+    procs = [subprocess.Popen(surveypipe_command("run", manifest, "--out", out / f"shard{i}", "--shard", f"{i}/{n}",
+                                                 "--workers", "1", "--no-progress", "--config", cfg),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(n)]
     errs = [p.communicate()[1] for p in procs]
     if any(p.returncode for p in procs):
@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{one:.1f} s in the one-worker run, so no engine can exceed an efficiency of {ceiling:.2f} "
                           f"here; the Dask run reaches {eff / ceiling:.2f} of that ceiling")
                     results["runs"][n]["independent_tile_s"] = ind
+                    results["runs"][n]["machine_ceiling"] = ceiling
                 else:
                     print("    control: no tile beyond each shard's first (needs ≥ 2 tiles per worker) or a shard failed")
-                    results["runs"][n]["machine_ceiling"] = ceiling
     # per-task overhead: many small tiles
     small = simulate(out / "small-release", a.small_tiles, a.small_size, a.bands, a.seed + 1)
     nmax = max(walls)
