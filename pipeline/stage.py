@@ -2,7 +2,13 @@
 
 A stage's ``run`` is a pure function of its inputs, its validated config and its model files,
 so the engine can cache, checkpoint and rerun it from declarations alone. Stages never touch
-Dask, Zarr or the CLI.
+Dask, Zarr or the CLI. One exception, for memory: a stage may reuse the pixel buffers of an input
+the engine made for this one task (the exposure it reads per tile) when its config says so, and
+marks that input consumed (see ``stages.background``).
+
+Config fields marked ``json_schema_extra={"output_neutral": True}`` change how a stage runs,
+never what it outputs (memory, devices, batch sizes): they stay out of cache keys and config hashes,
+so flipping one reuses cached products and keeps a model's fingerprint.
 """
 from __future__ import annotations
 
@@ -68,8 +74,15 @@ class Stage:
         return f"<Stage {self.name} v{self.version}>"
 
 
+def output_config(config: BaseModel) -> dict[str, Any]:
+    """The config's fields that can change outputs (all but those marked ``output_neutral``), as JSON."""
+    neutral = {name for name, f in type(config).model_fields.items()
+               if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("output_neutral")}
+    return config.model_dump(mode="json", exclude=neutral or None)
+
+
 def config_hash(config: BaseModel) -> str:
-    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(output_config(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 _model_hash_cache: dict[tuple[str, float, int], str] = {}
@@ -89,7 +102,7 @@ def cache_key(stage: Stage, config: StageConfig, input_keys: Mapping[str, str]) 
     payload = {
         "stage": stage.name,
         "version": stage.version,
-        "config": config.model_dump(mode="json"),
+        "config": output_config(config),
         "models": {p.name: model_sha256(p) for p in stage.model_files(config)},
         "inputs": dict(sorted(input_keys.items())),
     }

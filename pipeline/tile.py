@@ -58,6 +58,7 @@ class TileData:
     files: dict[str, str] = field(default_factory=dict)
     checksums: dict[str, str] = field(default_factory=dict)
     caveats: list[str] = field(default_factory=list)  # processable, with a reservation (missing band)
+    consumed_by: str | None = None  # the stage that reused the pixel planes in place for its own product
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -60,6 +60,11 @@ class BackgroundConfig(StageConfig):
         "made bad: their wings below the mask's 1-sigma edge still add up in the matched-filtered detection image"))
     artefact_grow_classes: tuple[str, ...] = Field(("cosmic_ray", "hot_pixel"), description=(
         "artefact classes grown by 'artefact_grow' (classes of the mask's 'bits' attribute)"))
+    reuse_exposure: bool = Field(True, json_schema_extra={"output_neutral": True}, description=(
+        "subtract the sky in the exposure's own image planes and zero artefact weights in its weight planes "
+        "instead of copies: one tile's image and weight planes less per worker (about 200 MB of a 2048^2 x 6 "
+        "tile); the exposure is then marked consumed (its planes are the sky's). False for callers that need "
+        "the raw pixels afterwards (e.g. a benchmark that also runs SExtractor on them)"))
 
 
 def artefact_bad(artefacts: Any, band: str, shape: tuple[int, int], grow: int = 0,
@@ -184,6 +189,10 @@ class Background(Stage):
 
     def run(self, inputs: Mapping[str, Any], config: BackgroundConfig) -> dict[str, Any]:
         tile = inputs["exposure"]
+        if getattr(tile, "consumed_by", None):
+            raise ValueError(f"tile {tile.tile_id!r}: its pixel planes were already reused in place by the "
+                             f"{tile.consumed_by!r} stage; load the tile again, or run that stage with reuse_exposure=false")
+        in_place = config.reuse_exposure
         artefacts = inputs.get("masks/artefacts")
         images, weights, bads, sats, level, rms, wrms = {}, {}, {}, {}, {}, {}, {}
         planes = {}
@@ -200,15 +209,20 @@ class Background(Stage):
                     plane = np.asarray(getattr(artefacts, "planes", artefacts)[band])
                     sharp = artefact_class_pixels(artefacts, plane, ("cosmic_ray", "hot_pixel"))
                     sat = sat & ~(sharp & ~artefact_class_pixels(artefacts, plane, ("saturation",)))
-                bad = bad | art
-                w = np.where(art, np.float32(0), w)
+                if in_place:
+                    np.logical_or(bad, art, out=bad)
+                    np.putmask(w, art, np.float32(0))
+                else:
+                    bad = bad | art
+                    w = np.where(art, np.float32(0), w)
             planes[band] = (img, bad, w, sat)
         src = source_mask({b: p[:3] for b, p in planes.items()}, config) if config.mask_sources else None
         for band in tile.bands:
             img, bad, w, sat = planes[band]
             mask = bad if src is None else (bad | src)
             bkg = sep.Background(img, mask=mask, bw=config.mesh, bh=config.mesh, fw=config.filter_size, fh=config.filter_size)
-            sub = np.array(img, dtype=np.float32, copy=True)
+            sub = img if in_place and img.dtype == np.float32 and img.flags.c_contiguous and img.flags.writeable \
+                else np.array(img, dtype=np.float32, copy=True)
             bkg.subfrom(sub)
             np.putmask(sub, bad, np.float32(0))
             images[band] = sub
@@ -220,4 +234,6 @@ class Background(Stage):
             good = w[:: 8, :: 8]
             good = good[good > 0]
             wrms[band] = float(1.0 / np.sqrt(np.median(good))) if good.size else float("nan")
+        if in_place:
+            tile.consumed_by = self.name  # its image, weight and bad planes are now the sky's
         return {"sky": Sky(images, weights, bads, sats, level, rms, wrms)}

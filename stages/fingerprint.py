@@ -20,8 +20,9 @@ from typing import Any
 def fingerprint_payload() -> dict[str, Any]:
     """{stage name: {version, default config}} of the classical stages, in pipeline order."""
     import stages
+    from pipeline.stage import output_config
 
-    return {c.name: {"version": c.version, "config": c.Config().model_dump(mode="json")}
+    return {c.name: {"version": c.version, "config": output_config(c.Config())}
             for c in getattr(stages, "CLASSICAL_STAGES", [])}
 
 

@@ -55,7 +55,9 @@ class MorphologyConfig(StageConfig):
                                                                          "NaN + missing_band flag, or a bad-input error")
     batch: int = Field(64, gt=0, le=65536, description="stamps per ONNX Runtime call (64: as fast as 256 on a "
                                                           "CPU core, a quarter of the activation memory)")
-    chunk: int = Field(4096, gt=0, description="objects whose stamps are cut at once (bounds memory)")
+    chunk: int = Field(1024, gt=0, json_schema_extra={"output_neutral": True}, description=(
+        "objects whose stamps are cut at once (bounds memory: 4096 held ~200 MB more at the stage's peak on a "
+        "2048^2 tile for no speed gain)"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device")
 
 

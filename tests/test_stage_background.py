@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.stage import ImageSet
 from stages import Background
@@ -53,8 +54,37 @@ def test_artefact_mask_marks_pixels_bad_with_zero_weight():
     art["g"][10:12, 50:80] = ARTEFACT_BITS["satellite_trail"]
     tile = synthetic_tile([], size=size)
     out = Background().run({"exposure": tile, "masks/artefacts": ImageSet(art, {"bits": ARTEFACT_BITS.as_attrs()})},
-                           Background.Config())["sky"]
+                           Background.Config(reuse_exposure=False))["sky"]
     assert out.bad["g"][10:12, 50:80].all() and (out.weight["g"][10:12, 50:80] == 0).all()
     assert (out.image["g"][10:12, 50:80] == 0).all()
     assert not out.bad["r"][10:12, 50:80].any()
     assert not tile.bad["g"].any(), "the exposure itself is not modified"
+
+
+def test_reusing_the_exposure_planes_gives_the_same_sky_and_marks_the_tile_consumed():
+    size = 128
+    art = {b: np.zeros((size, size), np.uint16) for b in "gri"}
+    art["r"][30:33, 10:90] = ARTEFACT_BITS["satellite_trail"]
+    masks = ImageSet(art, {"bits": ARTEFACT_BITS.as_attrs()})
+    src = [{"x": 40.0, "y": 60.0, "flux": 5000.0}, {"x": 90.0, "y": 20.0, "flux": 800.0}]
+    copy_tile, own_tile = synthetic_tile(src, size=size), synthetic_tile(src, size=size)
+    ref = Background().run({"exposure": copy_tile, "masks/artefacts": masks}, Background.Config(reuse_exposure=False))["sky"]
+    assert copy_tile.consumed_by is None
+    sky = Background().run({"exposure": own_tile, "masks/artefacts": masks}, Background.Config())["sky"]
+    for b in "gri":
+        assert np.array_equal(sky.image[b], ref.image[b]) and np.array_equal(sky.weight[b], ref.weight[b])
+        assert np.array_equal(sky.bad[b], ref.bad[b]) and np.array_equal(sky.saturated[b], ref.saturated[b])
+        assert np.shares_memory(sky.image[b], own_tile.image[b]), "no copy of the image planes"
+        assert np.shares_memory(sky.weight[b], own_tile.weight[b])
+    assert own_tile.consumed_by == "background"
+    with pytest.raises(ValueError, match="already reused in place by the 'background' stage"):
+        Background().run({"exposure": own_tile}, Background.Config())
+
+
+def test_the_memory_option_stays_out_of_cache_keys_and_the_fingerprint():
+    from pipeline.stage import config_hash
+    from stages.fingerprint import fingerprint_payload
+
+    assert config_hash(Background.Config()) == config_hash(Background.Config(reuse_exposure=False))
+    assert config_hash(Background.Config()) != config_hash(Background.Config(mesh=64))
+    assert "reuse_exposure" not in fingerprint_payload()["background"]["config"]

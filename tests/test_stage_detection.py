@@ -67,8 +67,9 @@ def synthetic_tile(sources: list[dict], *, size: int = 128, bands: str = "gri", 
 
 
 def run_stages(tile: TileData, upto: str = "photometry", configs: dict | None = None, artefacts=None) -> dict:
-    """Run the classical stages in order on an in-memory tile; returns every product."""
-    configs = configs or {}
+    """Run the classical stages in order on an in-memory tile; returns every product. The tile's planes
+    are left as they were (tests run one tile several times), unless ``configs`` says otherwise."""
+    configs = {"background": {"reuse_exposure": False}} | (configs or {})
     products = {"exposure": tile}
     if artefacts is not None:
         products["masks/artefacts"] = artefacts

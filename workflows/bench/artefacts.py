@@ -72,7 +72,7 @@ def detect(tile: Any, mask: dict[str, np.ndarray] | None, via: str = "pipeline")
     ins: dict[str, Any] = {"exposure": tile}
     if mset is not None and bg.name in takers:
         ins["masks/artefacts"] = mset
-    sky = bg.run(ins, bg.Config())["sky"]
+    sky = bg.run(ins, bg.Config(reuse_exposure=False))["sky"]  # the tile is measured again with other masks
     ins = {"exposure": tile, "sky": sky}
     how = "none"
     if mset is not None:

@@ -100,7 +100,10 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
     tile = load_tile(m, m.tile(tile_id))
     products: dict[str, Any] = {"exposure": tile}
     timing: dict[str, dict[str, float]] = {}
-    cfgs = {cls: cls.Config(**(settings or {}).get(cls.name, {})) for cls in (Background, Detection, Deblending, Photometry)}
+    given = {k: dict(v) for k, v in (settings or {}).items()}
+    if run_sex:  # SExtractor measures the raw planes after our stages: the background must not reuse them
+        given.setdefault(Background.name, {}).setdefault("reuse_exposure", False)
+    cfgs = {cls: cls.Config(**given.get(cls.name, {})) for cls in (Background, Detection, Deblending, Photometry)}
     for cls, cfg in cfgs.items():
         st = cls()
         ins = {r: products[r] for r in (*st.requires, *st.optional) if r in products}
