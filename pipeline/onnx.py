@@ -51,6 +51,10 @@ def session(model_path: str | Path, device: str = "auto", threads: int = 1) -> A
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
+        if not want_cuda:
+            # the memory pattern pre-plans one block per input shape on top of the arena: off, the artefact
+            # U-Net peaks 148 MB lower on 1248^2 windows and the stamp CNNs 26-56 MB lower, at the same speed
+            opts.enable_mem_pattern = False
         providers: list[Any] = ["CPUExecutionProvider"]
         if want_cuda:
             providers.insert(0, ("CUDAExecutionProvider", {"gpu_mem_limit": GPU_MEM_LIMIT,
