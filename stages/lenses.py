@@ -18,17 +18,17 @@ candidates get NaN and the ``not_candidate`` flag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline.bits import Bit, BitRegistry
 from pipeline.errors import ConfigError
-from pipeline.stage import CAVEATS, StageConfig
+from pipeline.stage import CAVEATS
 from pipeline.table import Table
 
-from .morphology import StampModelStage, check_tile, copy_stamp_flags, finite_positions, load_stamp_model, score_stamps
+from .morphology import StampModelConfig, StampModelStage, check_tile, copy_stamp_flags, finite_positions, load_stamp_model, score_stamps
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "lenses"
 NJY_ZEROPOINT = 31.4
@@ -41,7 +41,7 @@ LENS_FLAGS = BitRegistry("lens_flags", [
 ], dtype=np.uint16)
 
 
-class LensesConfig(StageConfig):
+class LensesConfig(StampModelConfig):
     model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None: the shipped "
                                                     "stages/models/lenses")
     mag_band: str = Field("i", min_length=1, max_length=1, description="band of the magnitude cut")
@@ -50,17 +50,6 @@ class LensesConfig(StageConfig):
     min_color: float | None = Field(1.0, description="deflector candidates: colour at least this (None: no colour cut)")
     min_extendedness: float | None = Field(0.5, ge=0, le=1, description="deflector candidates: refExtendedness at "
                                                                         "least this when the column exists (None: no cut)")
-    max_masked_fraction: float = Field(0.1, ge=0, le=1, description="flag 'masked' when more than this fraction of "
-                                                                   "the pixels within S/4 of the stamp centre are masked")
-    on_missing_band: Literal["nan", "error"] = Field("nan", description="a tile without one of the model's bands: "
-                                                                         "NaN + missing_band flag, or a bad-input error")
-    batch: int = Field(32, gt=0, le=65536, description="stamps per ONNX Runtime call (32: as fast per stamp as 64 "
-                                                          "or 256 on a CPU core, with 35-90 MB less activation memory "
-                                                          "than 64)")
-    chunk: int = Field(1024, gt=0, json_schema_extra={"output_neutral": True}, description=(
-        "objects whose stamps are cut at once (bounds memory: 4096 held ~200 MB more at the stage's peak on a "
-        "2048^2 tile for no speed gain)"))
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device")
 
     @field_validator("color_bands")
     @classmethod

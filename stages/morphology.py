@@ -44,11 +44,9 @@ MORPH_FLAGS = BitRegistry("morph_flags", [
 ], dtype=np.uint16)
 
 
-class MorphologyConfig(StageConfig):
-    model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None: the shipped "
-                                                    "stages/models/morphology")
-    min_snr: float = Field(10.0, ge=0, description="score objects whose combined Kron S/N over the model's bands "
-                                                   "is at least this; the others get NaN and the low_snr flag")
+class StampModelConfig(StageConfig):
+    """Settings every cutout-CNN stage shares (how stamps are cut, flagged and run)."""
+
     max_masked_fraction: float = Field(0.1, ge=0, le=1, description="flag 'masked' when more than this fraction of "
                                                                    "the pixels within S/4 of the stamp centre are masked")
     on_missing_band: Literal["nan", "error"] = Field("nan", description="a tile without one of the model's bands: "
@@ -60,6 +58,13 @@ class MorphologyConfig(StageConfig):
         "objects whose stamps are cut at once (bounds memory: 4096 held ~200 MB more at the stage's peak on a "
         "2048^2 tile for no speed gain)"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device")
+
+
+class MorphologyConfig(StampModelConfig):
+    model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None: the shipped "
+                                                    "stages/models/morphology")
+    min_snr: float = Field(10.0, ge=0, description="score objects whose combined Kron S/N over the model's bands "
+                                                   "is at least this; the others get NaN and the low_snr flag")
 
 
 # ---------------------------------------------------------------- shared with the lens stage
