@@ -22,7 +22,7 @@ from .config import PipelineConfig
 from .dag import Dag
 from .errors import AlgorithmError, BadInputError, SurveypipeError
 from .manifest import Manifest
-from .rss import lifetime_peak_mb, phase_peak
+from .rss import lifetime_peak_mb, phase_peak, release_free_heap
 from .stage import CAVEATS, Stage, cache_key, config_hash, model_sha256
 from .store import CatalogStore
 from .tile import TileData, load_tile
@@ -55,6 +55,18 @@ def _failure(tile_id: str, kind: str, message: str, *, stage: str | None = None,
 def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_dir: str, *,
                  from_stage: str | None = None, force: bool = False, segment: list[str] | None = None,
                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One tile (:func:`_process_tile`); then, its planes freed, the heap handed back to the kernel
+    (:func:`pipeline.rss.release_free_heap`), so the next tile's peak starts from the idle worker."""
+    try:
+        return _process_tile(manifest, tile_id, config, out_dir, from_stage=from_stage, force=force,
+                             segment=segment, previous=previous)
+    finally:
+        release_free_heap()
+
+
+def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_dir: str, *,
+                  from_stage: str | None = None, force: bool = False, segment: list[str] | None = None,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the configured stages on one tile and commit it; return a small status record.
 
     With ``segment`` (stage names), only the sub-graph those stages need runs and its products

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,3 +40,40 @@ def test_the_runner_records_each_stage_peak_and_the_worker_peak(tmp_path):
     assert st["touch"]["peak_rss_mb"] - st["photometry"]["peak_rss_mb"] > 300  # 500 MiB touched
     assert rec["read_peak_rss_mb"] > 0 and rec["write_peak_rss_mb"] > 0
     assert rec["maxrss_mb"] >= st["touch"]["peak_rss_mb"]
+
+
+
+HEAP_PROBE = """
+import gc, os, sys
+import numpy as np
+from pipeline.cluster import tune_malloc
+from pipeline.rss import release_free_heap
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+tune_malloc(32 << 20)  # as in a worker: blocks under 32 MiB come from the heap and stay there when freed
+big, small = [], []
+for _ in range(48):  # 48 x 8 MB, touched, each followed by a small live block: freed, they leave holes
+    big.append(np.ones(1 << 20))
+    small.append(np.ones(512))
+del big
+gc.collect()
+before = rss_mb()
+done = release_free_heap()
+print(done, before - rss_mb())
+"""
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_release_free_heap_hands_a_freed_tiles_worth_of_heap_back(setting):
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("/proc needed to read the resident set")
+    env = {**os.environ, "SURVEYPIPE_MALLOC_TRIM": setting}
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    done, freed_mb = out.stdout.split()
+    if setting == "1":
+        assert done == "True" and float(freed_mb) > 200, f"of 384 MB freed, {freed_mb} MB went back"
+    else:
+        assert done == "False" and float(freed_mb) < 50, "SURVEYPIPE_MALLOC_TRIM=0 turns the release off"
