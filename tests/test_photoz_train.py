@@ -249,3 +249,53 @@ def test_member_crps_is_the_closed_form_of_a_gaussian_mixture():
     x1, x2 = draw(), draw()
     want = np.mean(np.abs(x1 - 0.3)) - 0.5 * np.mean(np.abs(x1 - x2))
     assert got == pytest.approx(want, abs=1.5e-3)
+
+
+def test_torch_features_match_the_numpy_features():
+    """The flux-noise augmentation rebuilds features in torch: the same numbers as pzd.features."""
+    import torch
+
+    from workflows.train import photoz as tp
+
+    mapping = pzd.ColumnMapping.from_dict(MAPPING)
+    p = pzd.photometry_from_columns(synthetic_catalog(300, 301), mapping, need_redshift=True)
+    p.flux[:20, 1] = np.nan  # missing bands
+    p.err[20:30, 2] = 0.0
+    p.flux[30:40, 3] = -50.0  # negative fluxes, as forced photometry gives
+    norm = pzd.fit_normalisation(p.flux, p.err, p.bands)
+    want = pzd.features(p.flux, p.err, norm)
+    ok = np.isfinite(p.flux) & np.isfinite(p.err) & (p.err > 0)
+    got = tp.TorchFeatures(norm)(torch.from_numpy(np.where(ok, p.flux, 0.0).astype(np.float32)),
+                                 torch.from_numpy(np.where(ok, p.err, 0.0).astype(np.float32)), torch.from_numpy(ok))
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-4)
+
+
+def test_flux_noise_dropout_and_cosine_schedule(tmp_path):
+    from workflows.train import photoz as tp
+
+    a = tp._parser().parse_args(["--out", "x", "--flux-noise", "0.7", "--dropout", "0.2", "--schedule", "cosine",
+                                 "--weight-decay", "1e-4"])
+    s = tp.settings_from_args(a)
+    assert (s.flux_noise, s.dropout, s.schedule, s.weight_decay) == (0.7, 0.2, "cosine", 1e-4)
+    d = tp.TrainSettings()
+    assert (d.flux_noise, d.dropout, d.schedule) == (0.0, 0.0, "plateau")  # the defaults change nothing
+    mapping = pzd.ColumnMapping.from_dict(MAPPING)
+    tr = pzd.photometry_from_columns(synthetic_catalog(400, 211), mapping, need_redshift=True)
+    ho = pzd.photometry_from_columns(synthetic_catalog(120, 212), mapping, need_redshift=True)
+    s = tp.TrainSettings(members=2, components=2, hidden=(16, 16), epochs=4, patience=10, batch=128,
+                         early_stop="holdout", seed=3, flux_noise=1.0, dropout=0.2, schedule="cosine")
+    res = tp.train(tr, s, log=lambda m: None, holdout=ho)
+    lrs = [h["lr"] for h in res.history]
+    assert len(lrs) == 4 and all(b < a for a, b in zip(lrs, lrs[1:]))  # cosine decay, every epoch
+    assert all(np.isfinite(h["train_nll"]) and np.isfinite(h["val_nll"]) for h in res.history)
+    import torch
+
+    x = torch.from_numpy(pzd.features(ho.flux, ho.err, res.norm))
+    with torch.no_grad():  # dropout acts in training only: the exported model is deterministic
+        np.testing.assert_array_equal(res.model(x)[0].numpy(), res.model(x)[0].numpy())
+    card = tp.export(res, tmp_path / "m", holdout=ho, holdout_label="hold", training_info={}, throughput_n=500,
+                     log=lambda m: None)
+    assert card.metrics["onnx_vs_torch_max_abs_diff"] < 1e-5
+    from workflows.bench.photoz import load_torch
+
+    assert load_torch(tmp_path / "m") is not None

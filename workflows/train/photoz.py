@@ -72,6 +72,10 @@ class TrainSettings:
     crps_weight: float = 0.0     # > 0: loss = NLL + crps_weight * CRPS (in u) per member
     early_stop: str = "split"    # "split": carve val_frac of the training rows; "holdout": train on every
                                  # training row, early-stop and calibrate on the separate hold-out catalogue
+    flux_noise: float = 0.0      # > 0: every training batch redraws each measured flux as f + flux_noise * err * N(0, 1)
+                                 # (per member; features recomputed from the noisy fluxes): input-noise augmentation
+    dropout: float = 0.0         # dropout rate after every hidden layer (training only)
+    schedule: str = "plateau"    # "plateau": halve lr when the validation NLL stalls; "cosine": cosine decay over epochs
 
     @property
     def edges(self) -> np.ndarray:
@@ -121,6 +125,8 @@ def build_model(n_features: int, bands: Sequence[str], s: TrainSettings, u_mean:
             h = x
             for layer in self.layers:
                 h = F.silu(layer(h))
+                if s.dropout > 0 and self.training:
+                    h = F.dropout(h, p=s.dropout, training=True)
             o = self.head(h)
             K = self.K
             logw = torch.log_softmax(o[..., :K], dim=-1)
@@ -302,7 +308,20 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print, holdout: pzd
         Xv, Uv = torch.from_numpy(X[va_idx]), torch.from_numpy(U[va_idx])
     blank, ind = (torch.from_numpy(a) for a in band_feature_maps(phot.bands))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, s.patience // 4))
+    if s.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.epochs), eta_min=s.lr * 0.01)
+    elif s.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, s.patience // 4))
+    else:
+        raise ValueError(f"unknown schedule {s.schedule!r} (plateau or cosine)")
+    noisy = None
+    if s.flux_noise > 0:  # the training rows' fluxes, errors and usability, features rebuilt per batch
+        fl, er = phot.flux[tr_idx], phot.err[tr_idx]
+        ok = np.isfinite(fl) & np.isfinite(er) & (er > 0)
+        noisy = TorchFeatures(norm)
+        Ft = torch.from_numpy(np.where(ok, fl, 0.0).astype(np.float32))
+        Et = torch.from_numpy(np.where(ok, er, 0.0).astype(np.float32))
+        Ot = torch.from_numpy(ok)
     gen = torch.Generator().manual_seed(s.seed)
     M, B = s.members, blank.shape[0]  # dropout acts on base bands (all their flux sets)
     best, best_state, best_epoch, bad = float("inf"), None, 0, 0
@@ -318,7 +337,12 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print, holdout: pzd
         tot, nb = 0.0, 0
         for i in range(0, len(perm), s.batch):
             idx = perm[i:i + s.batch]
-            xb = Xt[idx].unsqueeze(0).expand(M, -1, -1)
+            if noisy is not None:
+                fb, eb, okb = Ft[idx], Et[idx], Ot[idx]
+                fb = fb.unsqueeze(0) + s.flux_noise * eb.unsqueeze(0) * torch.randn(M, *fb.shape, generator=gen)
+                xb = noisy(fb, eb.unsqueeze(0).expand(M, -1, -1), okb.unsqueeze(0).expand(M, -1, -1))
+            else:
+                xb = Xt[idx].unsqueeze(0).expand(M, -1, -1)
             if s.band_dropout > 0:
                 xb = _drop_bands(xb, blank, ind, s.band_dropout, B, gen)
             loss = member_nll(model, xb, Ut[idx]).sum()
@@ -332,7 +356,7 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print, holdout: pzd
         model.eval()
         with torch.no_grad():
             v = float(ensemble_nll(model, Xv, Uv)) if len(Xv) else tot / nb
-        sched.step(v)
+        sched.step(v) if s.schedule == "plateau" else sched.step()
         hist.append({"epoch": epoch, "train_nll": tot / nb, "val_nll": v, "lr": opt.param_groups[0]["lr"]})
         improved = v < best - 1e-4
         if improved:
@@ -359,6 +383,46 @@ def train(phot: pzd.Photometry, s: TrainSettings, log: Any = print, holdout: pzd
         log(f"calibration: sigma width factor {width:.3f} (maximum likelihood on the {'hold-out catalogue' if use_hold else 'validation split'})")
     secs = time.perf_counter() - t0
     return TrainResult(model, norm, s, hist, epoch, best_epoch, secs, len(tr_idx), 0 if use_hold else len(Xv), width, va_idx)
+
+
+class TorchFeatures:
+    """:func:`workflows.photoz_data.features` in torch for fluxes (..., B) with errors and a usable
+    mask: what the flux-noise augmentation rebuilds for every batch (same standardisation)."""
+
+    def __init__(self, norm: dict[str, Any]):
+        import torch
+
+        soft = np.asarray(norm["softening_njy"], np.float64)
+        mean = np.asarray(norm["feature_mean"], np.float64)
+        std = np.asarray(norm["feature_std"], np.float64)
+        B = len(soft)
+        pairs = pzd.colour_pairs(norm["bands"])
+        C = len(pairs)
+        t = lambda a: torch.tensor(np.asarray(a, np.float64), dtype=torch.float32)  # noqa: E731
+        self.B, self.C = B, C
+        self.ii = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        self.jj = torch.tensor([j for _, j in pairs], dtype=torch.long)
+        self.inv2s, self.s2x4, self.soft = t(0.5 / soft), t(4.0 * soft * soft), t(soft)
+        self.a_mu, self.b_mu = t(-pzd.POGSON / std[:B]), t((pzd.NJY_ZEROPOINT - pzd.POGSON * np.log(soft) - mean[:B]) / std[:B])
+        self.a_d, self.b_d = t(1.0 / std[B:2 * B]), t(-mean[B:2 * B] / std[B:2 * B])
+        self.a_c, self.b_c = t(1.0 / std[2 * B:2 * B + C]), t(-mean[2 * B:2 * B + C] / std[2 * B:2 * B + C])
+        self.mu0 = t(pzd.NJY_ZEROPOINT - pzd.POGSON * np.log(soft))
+
+    def __call__(self, f, e, ok):
+        import torch
+
+        okf = ok.to(f.dtype)
+        f = f * okf
+        e = torch.where(ok, e, self.soft)
+        ash = torch.asinh(f * self.inv2s)
+        parts = [(ash * self.a_mu + self.b_mu) * okf,
+                 (torch.log10(torch.clamp(pzd.POGSON * e / torch.sqrt(f * f + self.s2x4), min=1e-4)) * self.a_d + self.b_d) * okf]
+        if self.C:
+            mu = self.mu0 - pzd.POGSON * ash
+            okc = (ok[..., self.ii] & ok[..., self.jj]).to(f.dtype)
+            parts.append(((mu[..., self.ii] - mu[..., self.jj]) * self.a_c + self.b_c) * okc)
+        parts.append(1.0 - okf)
+        return torch.cat(parts, dim=-1)
 
 
 def _drop_bands(xb, blank, ind, frac, B, gen):
@@ -577,6 +641,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--band-dropout", type=float, default=d.band_dropout)
     g.add_argument("--crps-weight", type=float, default=d.crps_weight, help="loss = NLL + this x CRPS (in ln(1+z))")
+    g.add_argument("--flux-noise", type=float, default=d.flux_noise,
+                   help="input-noise augmentation: each batch redraws measured fluxes as f + this x err x N(0,1) (0: off)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout after every hidden layer")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=["plateau", "cosine"], default=d.schedule,
+                   help="learning rate: halve on a validation plateau, or cosine decay over --epochs")
     g.add_argument("--zmax", type=float, default=d.z_max)
     g.add_argument("--dz", type=float, default=d.dz)
     g.add_argument("--threads", type=int, default=d.threads, help="torch threads")
@@ -604,7 +674,8 @@ def settings_from_args(a: argparse.Namespace) -> TrainSettings:
     return TrainSettings(members=a.members, components=a.components, hidden=tuple(int(h) for h in a.hidden.split(",")),
                          epochs=a.epochs, patience=a.patience, batch=a.batch, lr=a.lr, val_frac=a.val_frac, seed=a.seed,
                          band_dropout=a.band_dropout, crps_weight=a.crps_weight, z_max=a.zmax, dz=a.dz, threads=a.threads,
-                         calibrate=not a.no_calibrate, max_minutes=a.max_minutes,
+                         calibrate=not a.no_calibrate, max_minutes=a.max_minutes, flux_noise=a.flux_noise,
+                         dropout=a.dropout, weight_decay=a.weight_decay, schedule=a.schedule,
                          early_stop=a.early_stop or ("holdout" if getattr(a, "mock", False) else "split"))
 
 
