@@ -24,6 +24,11 @@ def test_bench_science_smoke(tmp_path, capsys):
     assert res["throughput"]["cpu"]["ours_det_deblend_phot"] > 0
     if sextractor.executable() is not None:
         assert res["throughput"]["cpu"]["sextractor"] > 0 and "sextractor" in m["purity"]
+        c = m["completeness"]  # paired counts: the completeness difference is carried by the discordant objects
+        for n, o, s, oo, so in zip(c["n_true"], c["ours"], c["sextractor"], c["ours_only"], c["sextractor_only"]):
+            if n:
+                assert abs((o - s) * n - (oo - so)) < 1e-6 and 0 <= oo <= n and 0 <= so <= n
+        assert "found by ours only / by SExtractor only" in out
 
 
 def test_bench_refuses_a_non_benchmark_seed(tmp_path):

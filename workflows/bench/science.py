@@ -206,12 +206,17 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
     inner = cat["inner"]
     # ---- completeness
     edges = np.arange(16.0, 28.01, 0.5)
-    comp: dict[str, Any] = {"bin_lo": edges[:-1].tolist(), "bin_hi": edges[1:].tolist(), "n_true": [], "ours": [], "sextractor": []}
+    comp: dict[str, Any] = {"bin_lo": edges[:-1].tolist(), "bin_hi": edges[1:].tolist(), "n_true": [], "ours": [], "sextractor": [],
+                            "ours_only": [], "sextractor_only": []}
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = inner & (cat["tmag"] >= lo) & (cat["tmag"] < hi)
         comp["n_true"].append(int(sel.sum()))
         comp["ours"].append(float(np.mean(cat["m_ours"][sel] >= 0)) if sel.any() else None)
         comp["sextractor"].append(float(np.mean(cat["m_sex"][sel] >= 0)) if sel.any() and have_sex else None)
+        # the same true objects face both catalogues: the difference lies in the discordant ones (paired)
+        found_o, found_s = cat["m_ours"][sel] >= 0, cat["m_sex"][sel] >= 0
+        comp["ours_only"].append(int(np.sum(found_o & ~found_s)) if have_sex else None)
+        comp["sextractor_only"].append(int(np.sum(found_s & ~found_o)) if have_sex else None)
     lim = {who: {"m90": completeness_limit(cat["tmag"][inner], cat[key][inner] >= 0, 0.9),
                  "m50": completeness_limit(cat["tmag"][inner], cat[key][inner] >= 0, 0.5)}
            for who, key in (("ours", "m_ours"), ("sextractor", "m_sex")) if who == "ours" or have_sex}
@@ -227,6 +232,7 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
                        "overall": float(ok.mean()) if ok.size else None, "n": int(ok.size),
                        "bins": [float(ok[(mm >= lo) & (mm < hi)].mean()) if np.any((mm >= lo) & (mm < hi)) else None
                                 for lo, hi in zip(edges[:-1], edges[1:])],
+                       "bin_unmatched": [int(np.sum(~ok[(mm >= lo) & (mm < hi)])) for lo, hi in zip(edges[:-1], edges[1:])],
                        "bin_n": [int(np.sum((mm >= lo) & (mm < hi))) for lo, hi in zip(edges[:-1], edges[1:])]}
     # ---- photometry and error calibration
     phot = photometric_accuracy(results, flux_rows, cat, ref, m90, have_sex)
@@ -417,10 +423,12 @@ def report(metrics: dict[str, Any], thr: dict[str, Any], meta: dict[str, Any]) -
     L.append("")
     c = metrics["completeness"]
     L.append(f"Completeness vs true {meta['ref']} magnitude (fraction of true objects in the inner regions detected)")
-    L.append("  mag bin [mag]     N_true   ours    SExtractor")
-    for lo, hi, n, o, s in zip(c["bin_lo"], c["bin_hi"], c["n_true"], c["ours"], c["sextractor"]):
+    L.append("  mag bin [mag]     N_true   ours    SExtractor   found by ours only / by SExtractor only")
+    for lo, hi, n, o, s, oo, so in zip(c["bin_lo"], c["bin_hi"], c["n_true"], c["ours"], c["sextractor"],
+                                       c.get("ours_only", [None] * len(c["bin_lo"])),
+                                       c.get("sextractor_only", [None] * len(c["bin_lo"]))):
         if n:
-            L.append(f"  {lo:5.1f}-{hi:5.1f}     {n:6d}   {_f(o)}   {_f(s)}")
+            L.append(f"  {lo:5.1f}-{hi:5.1f}     {n:6d}   {_f(o)}   {_f(s)}" + (f"        {oo:5d} / {so:d}" if oo is not None else ""))
     for who, v in metrics["limits"].items():
         L.append(f"  {who:10s}: 90 % completeness at {v['m90']:.2f} mag, 50 % at {v['m50']:.2f} mag")
     L.append("")
@@ -428,6 +436,12 @@ def report(metrics: dict[str, Any], thr: dict[str, Any], meta: dict[str, Any]) -
     for who, v in metrics["purity"].items():
         L.append(f"  {who:10s}: brighter than m90 = {metrics['m90_common']:.2f} mag: {_f(v['above_m90'])} (N={v['n_above_m90']});"
                  f" overall: {_f(v['overall'])} (N={v['n']})")
+    pu = metrics["purity"]
+    if "sextractor" in pu and "bin_unmatched" in pu["ours"]:
+        rows = [f"{lo:g}: {a}/{na} vs {b}/{nb}" for lo, a, na, b, nb in
+                zip(c["bin_lo"], pu["ours"]["bin_unmatched"], pu["ours"]["bin_n"], pu["sextractor"]["bin_unmatched"],
+                    pu["sextractor"]["bin_n"]) if a or b]
+        L.append("  unmatched / all primary detections per measured-magnitude bin, ours vs SExtractor: " + "; ".join(rows))
     L.append("")
     ph = metrics["photometry"]
     L.append(f"Photometric accuracy: (measured - true) {meta['ref']} magnitude [mag], median / sigma_MAD (N), unsaturated, inner")
@@ -487,6 +501,14 @@ def goals(metrics: dict[str, Any], thr: dict[str, Any]) -> dict[str, Any]:
                 out.append({"bin_lo": lo, "ours": o, "sextractor": s, "n": no, "significant_2sigma": bool(s - o > 2 * sig)})
             return out
         worse = worse_bins(c["ours"], c["sextractor"], c["n_true"], c["n_true"])
+        if "ours_only" in c:  # paired (same true objects): exact one-sided sign test on the discordant objects
+            from scipy.stats import binom
+
+            for w in worse:
+                k = c["bin_lo"].index(w["bin_lo"])
+                a, b = c["ours_only"][k], c["sextractor_only"][k]
+                w.update({"ours_only": a, "sextractor_only": b, "paired_p": float(binom.cdf(a, a + b, 0.5))})
+                w["significant_2sigma"] = w["paired_p"] < 0.0228  # one-sided 2 sigma
         g["completeness_ge_sextractor_every_bin"] = {"pass": not worse, "bins_worse": worse,
                                                      "pass_within_2sigma": not any(w["significant_2sigma"] for w in worse)}
         pu = metrics["purity"]
@@ -517,7 +539,8 @@ def goals(metrics: dict[str, Any], thr: dict[str, Any]) -> dict[str, Any]:
 def _goal_text(name: str, v: dict[str, Any]) -> str:
     text = f"{name}: {'PASS' if v['pass'] else 'FAIL'}"
     if not v["pass"] and "bins_worse" in v:
-        bins = ", ".join(f"{w['bin_lo']:g}" for w in v["bins_worse"])
+        bins = ", ".join(f"{w['bin_lo']:g}" + (f" ({w['ours_only']} vs {w['sextractor_only']} found by one only, paired p = "
+                                                f"{w['paired_p']:.2f})" if "paired_p" in w else "") for w in v["bins_worse"])
         text += (f" (lower in bins starting at {bins} mag; "
                  f"{'none' if v['pass_within_2sigma'] else 'some'} by more than 2 sigma)")
     if "difference_se" in v:
