@@ -73,8 +73,14 @@ models: install-dev
 	$(SP) train photoz --mock --workdir out/photoz_mock_v3 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
 	$(SP) train lenses --out out/train/lenses/e36 --epochs 36 --threads 1 && \
-	  cp out/train/lenses/e36/model.onnx out/train/lenses/e36/model.pt out/train/lenses/e36/card.json \
-	     out/train/lenses/e36/README.md stages/models/lenses/
+	  $(SP) train lenses --out out/train/lenses/hn1 --init out/train/lenses/e36 --hard-negatives 3000 --mine-pool 100000 \
+	    --mine-random 15000 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 && \
+	  $(SP) train lenses --out out/train/lenses/hn2 --init out/train/lenses/hn1 --hard-negatives 5000 --mine-pool 200000 \
+	    --mine-random 20000 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 && \
+	  $(SP) train lenses --out out/train/lenses/hn3 --init out/train/lenses/hn2 --hard-negatives 5000 --mine-pool 200000 \
+	    --mine-seed 1216 --mine-random 20000 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 && \
+	  cp out/train/lenses/hn3/model.onnx out/train/lenses/hn3/model.pt out/train/lenses/hn3/card.json \
+	     out/train/lenses/hn3/README.md stages/models/lenses/
 
 clean:
 	rm -rf out data/demo .pytest_cache

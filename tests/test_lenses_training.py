@@ -86,3 +86,32 @@ def test_train_scale_enlarges_only_the_training_set():
     tr, va = set_counts(a.scale, a.train_scale)
     assert tr == TRAIN_COUNTS
     assert va == {k: int(round(v * 0.5)) for k, v in VAL_COUNTS.items()}
+
+
+@pytest.mark.training
+def test_hard_negative_mining_adds_the_top_scoring_pool_negatives(tmp_path):
+    from workflows.train.lenses import main, mining_parts
+    from workflows.train.stamps import HARD_KINDS
+
+    parts = mining_parts(1200, 60000)
+    assert [s for s, _ in parts] == [1200, 1202, 1204]
+    assert sum(c["ordinary"] for _, c in parts) == 60000 and all(c[k] == 400 for _, c in parts for k in HARD_KINDS)
+    out = tmp_path / "lenses"
+    args = ["--out", str(out), "--scale", "0.002", "--field", "256", "--pool", "4096", "--epochs", "1", "--max-steps",
+            "2", "--batch", "16", "--no-throughput", "--workdir", str(tmp_path / "work"), "--hard-negatives", "6",
+            "--mine-pool", "40", "--mine-random", "4", "--val-negatives", "30"]
+    assert main(args) == 0
+    card = json.loads((out / "card.json").read_text())
+    hn = card["training"]["hard_negative_mining"]
+    assert hn["n_hard"] == 6 and hn["n_random"] == 4 and hn["n_scored"] == 40 + 6
+    assert hn["model_dir"] == "stages/models/lenses" and card["training"]["n_stamps"] == sum(card["training"]["counts"].values()) + 10
+    assert hn["lowest_hard_score"] >= hn["pool_scores"]["ordinary"]["score_quantiles_0.5_0.99_0.999"][0]
+    ext = card["metrics"]["extended"]
+    assert ext["n_neg"] >= 30 and 0.0 <= ext["roc_auc"] <= 1.0 and "tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20" in ext
+    assert "hard-negative mining" in (out / "README.md").read_text()
+    # cached: a second run re-uses the mined set; the mining seed must be a training seed whose populations are
+    # not the training set's, and the pool must hold the stamps asked for
+    assert main(args) == 0
+    assert len(list((tmp_path / "work").glob("mined-*.npz"))) == 1
+    assert main(args + ["--mine-seed", "2200"]) == 2
+    assert main(args + ["--mine-seed", "1100"]) == 2 and main(args + ["--mine-pool", "9"]) == 2

@@ -1,8 +1,9 @@
 """Train the lens-finding model: a small CNN on gri stamps of plausible deflectors, exported to ONNX.
 
-``surveypipe train lenses --out out/train/lenses/e36 --epochs 36 --threads 1`` then copying the result to
-``stages/models/lenses`` (what ``make models`` runs; 36 epochs of one one-cycle schedule from scratch,
-peak lr 3e-3, is the default):
+``surveypipe train lenses --out out/train/lenses/e36 --epochs 36 --threads 1`` (36 epochs of one
+one-cycle schedule from scratch, peak lr 3e-3, the default), then three rounds of hard-negative mining
+that each continue from the previous run's weights (``--init``; see below and the ``models`` target
+of the Makefile for the exact commands), copying the last run's result to ``stages/models/lenses``:
 
 1. simulates stamps with :func:`workflows.train.stamps.collect_lens_set` (training seed 1100,
    validation seed 2100): mock-population deflector candidates on mock-population neighbour
@@ -15,6 +16,21 @@ peak lr 3e-3, is the default):
 4. exports ONNX (dynamic batch axis), checks ONNX Runtime against torch on fresh inputs, and writes
    ``model.onnx``, ``model.pt`` (weights, for the saliency maps of ``workflows.lens_report``),
    ``card.json`` and ``README.md``.
+
+**Hard-negative mining** (``--hard-negatives N --mine-pool M [--mine-random R]``, see
+:func:`mine_negatives`). The score threshold at FPR 0.1 % is set by the ~100 highest-scoring of
+1e5 ordinary deflector-like galaxies, a tail that 7000 random ordinary training negatives barely
+sample: the network never sees most of the rare ordinary galaxies that look lens-like to it. So a
+pool of M ordinary candidates (plus 2 % of M of each hard-negative kind) is simulated from a
+*training* seed (``--mine-seed``, default 1200: a population independent of the training set's),
+scored with an existing model (``--mine-model``, default the ``--init`` model, else the shipped
+one), and its N highest-scoring negatives, plus R random ordinary ones (a larger sample of the
+ordinary population), are added to the training set; training then usually continues from that
+model's weights (``--init``, a new one-cycle schedule). The pool uses the stage's default candidate
+cut (i < 23, g - i > 1, like the benchmark), in parts of at most 25 000 ordinary candidates (seeds
+``mine_seed + 2 j``). ``--val-negatives K`` adds K ordinary validation negatives (seed
+``--val-neg-seed``, default 2200, same cut) for a less noisy estimate of the FPR-0.1 % metrics
+(``metrics.extended`` of the card, computed the benchmark's way: ordinary negatives only).
 """
 from __future__ import annotations
 
@@ -68,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--hard-negatives", type=int, default=0,
+                   help="add the N highest-scoring negatives of a simulated mining pool to the training set "
+                        "(hard-negative mining; see the module docstring)")
+    p.add_argument("--mine-pool", type=int, default=0,
+                   help="ordinary candidates in the mining pool (plus 2%% of this of each hard-negative kind)")
+    p.add_argument("--mine-random", type=int, default=0,
+                   help="also add this many random ordinary negatives of the mining pool")
+    p.add_argument("--mine-seed", type=int, default=1200, help="mining pool seed (training range 1000-1999)")
+    p.add_argument("--mine-model", type=Path, default=None,
+                   help="model directory that scores the mining pool (default: --init, else the shipped model)")
+    p.add_argument("--val-negatives", type=int, default=0,
+                   help="extra ordinary validation negatives for the extended FPR-0.1 %% metrics")
+    p.add_argument("--val-neg-seed", type=int, default=2200, help="seed of the extra validation negatives (2000-2999)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement (smoke tests)")
     return p
@@ -146,6 +175,36 @@ def main(argv: list[str] | None = None) -> int:
         sim_note = (f"sets re-used from the workdir cache; simulating them ({len(tr)} training + {len(va)} validation "
                     f"stamps) took {sum(made):.0f} s wall-clock")
     print(f"train lenses: {len(tr)} training stamps, {len(va)} validation stamps ({t_sim:.0f} s)", flush=True)
+    mined_info = None
+    if a.hard_negatives > 0 or a.mine_random > 0:
+        try:
+            if a.mine_pool < a.hard_negatives + a.mine_random:
+                raise ValueError(f"--mine-pool {a.mine_pool} is smaller than --hard-negatives + --mine-random")
+            S.check_purpose(a.mine_seed, "training")
+            mine_parts = mining_parts(a.mine_seed, a.mine_pool)
+            for sd, _ in mine_parts:
+                S.check_purpose(sd, "training")
+                if {sd, sd + 1} & {a.seed, a.seed + 1}:
+                    raise ValueError(f"mining seed {sd} overlaps the training set's populations (seeds {a.seed}, {a.seed + 1})")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        mine_model = a.mine_model or a.init or DEFAULT_OUT
+        t0 = time.perf_counter()
+        mined = mine_negatives(mine_model, mine_parts, a.hard_negatives, a.mine_random, spec, kw, a.workdir)
+        t_mine = time.perf_counter() - t0
+        mined_info = {**mined.meta, "model_dir": str(mine_model), "seconds_here": round(t_mine, 1)}
+        tr = S.LensSet.concat([tr, mined])
+        print(f"train lenses: + {len(mined)} mined negatives ({t_mine:.0f} s): {mined.meta.get('kinds')}", flush=True)
+    xneg = None
+    if a.val_negatives > 0:
+        try:
+            S.check_purpose(a.val_neg_seed, "validation")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        xneg = cached_lens_set(a.workdir, a.val_neg_seed, "validation", {"ordinary": a.val_negatives}, spec, 0.0,
+                               {**kw, "cut": STAGE_CUT})
 
     try:
         resid = colour_residual_pairs(a.colour_residual, a.bands)
@@ -181,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     from workflows.train.morphology import stamp_throughput
     from workflows.train.onnx_export import finish_model
 
+    if xneg is not None:
+        from pipeline.onnx import run_batched, session
+
+        sess = session(onnx_path, device="cpu", threads=a.threads)
+        p_x = run_batched(sess, {spec.input_name: xneg.x.astype(np.float32)}, batch=256, outputs=["probs"])[0]
+        metrics["extended"] = extended_metrics(p_val[:, 1], va, p_x[:, 1])
+        metrics["extended"]["holdout"] = (f"the validation set's lenses and ordinary negatives + {len(xneg)} ordinary "
+                                          f"negatives of seed {a.val_neg_seed} (cut i < {STAGE_CUT.max_mag_i}, "
+                                          f"g - i > {STAGE_CUT.min_gi}); hard kinds only for their rates")
     thr = {} if a.no_throughput else stamp_throughput(model, onnx_path, spec)
     card = finish_model(
         a.out, onnx_path, name=MODEL_NAME, version=MODEL_VERSION,
@@ -194,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         thresholds={"score_at_fpr_0.01": metrics["threshold_at_fpr_0.01"],
                     "score_at_fpr_0.001": metrics["threshold_at_fpr_0.001"]},
         training={"seed": a.seed, "counts": tr_counts, "n_stamps": len(tr), "min_lens_snr": a.min_lens_snr,
+                  **({"hard_negative_mining": mined_info} if mined_info else {}),
                   "epochs": a.epochs, "steps": log["steps"], **({"init": init} if init else {}), "batch": a.batch, "lr": a.lr, "threads": a.threads,
                   "simulate_seconds": round(t_sim, 1), **({"simulation_note": sim_note} if sim_note else {}),
                   "train_seconds": round(t_train, 1), "train_cpu_seconds": round(c_train, 1), "log": log["epochs"],
@@ -210,8 +279,127 @@ def main(argv: list[str] | None = None) -> int:
           f"total {time.perf_counter() - t_start:.0f} s", flush=True)
     print(f"train lenses: validation ROC AUC {metrics['roc_auc']}, TPR at FPR 1% {metrics['tpr_at_fpr_0.01']}, "
           f"at 0.1% {metrics['tpr_at_fpr_0.001']}, |ORT - torch| {diff:.2e}", flush=True)
+    if "extended" in metrics:
+        e = metrics["extended"]
+        print(f"train lenses: extended validation ({e['n_neg']} ordinary negatives): ROC AUC {e['roc_auc']}, TPR at "
+              f"FPR 1% {e['tpr_at_fpr_0.01']}, at 0.1% {e['tpr_at_fpr_0.001']}, TPR0 {e['tpr0']}, TPR10 {e['tpr10']}; "
+              f"theta_E > 1.4\" and S/N > 20: TPR at FPR 0.1% {e['tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20']}; "
+              f"hard kinds above the 1% / 0.1% thresholds {e['fpr_by_kind']}", flush=True)
     print(f"wrote {a.out / 'card.json'}")
     return 0
+
+
+#: the stage's default candidate cut (stages.lenses: i < 23, g - i > 1), used by the benchmark
+STAGE_CUT = S.CandidateCut(max_mag_i=23.0, min_gi=1.0)
+MINE_HARD_FRACTION = 0.02   # of the mining pool's ordinary count, per hard-negative kind
+MINE_PART = 25000           # ordinary candidates per mining-pool part (one population per part)
+
+
+def mining_parts(seed: int, pool: int) -> list[tuple[int, dict[str, int]]]:
+    """(seed, counts) of each part of a mining pool of ``pool`` ordinary candidates (seeds seed + 2 j)."""
+    n = max(1, int(np.ceil(pool / MINE_PART)))
+    out = []
+    for j in range(n):
+        m = pool // n + (1 if j < pool % n else 0)
+        h = max(1, int(round(m * MINE_HARD_FRACTION)))
+        out.append((seed + 2 * j, {"ordinary": m, **{k: h for k in S.HARD_KINDS}}))
+    return out
+
+
+def mine_negatives(model_dir: Path, parts: list[tuple[int, dict[str, int]]], n_hard: int, n_random: int, spec: Any,
+                   kw: dict[str, Any], workdir: Path) -> Any:
+    """The ``n_hard`` highest-scoring negatives of a simulated pool, plus ``n_random`` random ordinary ones.
+
+    Every part of the pool (:func:`mining_parts`) is simulated mosaic by mosaic with the stage's
+    candidate cut and scored through ONNX Runtime with the model in ``model_dir``; only the stamps
+    selected so far are kept, so the pool's size is not limited by memory. Cached in ``workdir`` by
+    the arguments and the model's ONNX sha256.
+    """
+    import hashlib
+    import json
+
+    from pipeline.onnx import run_batched, session
+    from stages.morphology import load_stamp_model
+
+    card, mspec, _ = load_stamp_model(model_dir, "cpu")
+    if ((mspec.size, tuple(mspec.bands), mspec.normalisation.get("scale_njy"))
+            != (spec.size, tuple(spec.bands), spec.normalisation.get("scale_njy"))):
+        raise ValueError(f"mining model {model_dir}: its stamps differ from the training stamps")
+    sha = hashlib.sha256(Path(card.onnx_path(Path(model_dir))).read_bytes()).hexdigest()
+    key = json.dumps({"parts": parts, "n_hard": n_hard, "n_random": n_random, "model": sha, "size": spec.size,
+                      "bands": list(spec.bands), "norm": dict(spec.normalisation), "cut": STAGE_CUT, **kw},
+                     sort_keys=True, default=str)
+    path = Path(workdir) / f"mined-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+    if path.exists():
+        print(f"  lenses mining: cached set {path}", flush=True)
+        return S.LensSet.load(path)
+    sess = session(card.onnx_path(Path(model_dir)), device="cpu")
+    k_lens = card.classes.index("lens")
+    t0 = time.perf_counter()
+    ordinary = S.LENS_KINDS.index("ordinary")
+    kept, kept_score, kept_key = None, np.zeros(0), np.zeros(0)
+    all_scores: dict[int, list[np.ndarray]] = {}
+    n_seen = 0
+    for seed, counts in parts:
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11,)))
+        for ls in S.lens_sets(seed, "training", counts=counts, spec=spec, cut=STAGE_CUT, min_lens_snr=0.0,
+                              progress=False, **kw):
+            p = run_batched(sess, {spec.input_name: ls.x.astype(np.float32)}, batch=256, outputs=["probs"])[0][:, k_lens]
+            rk = rng.random(len(ls))
+            n_seen += len(ls)
+            for k in np.unique(ls.kind):
+                all_scores.setdefault(int(k), []).append(p[ls.kind == k])
+            kept = ls if kept is None else S.LensSet.concat([kept, ls])
+            kept_score, kept_key = np.concatenate([kept_score, p]), np.concatenate([kept_key, rk])
+            sel = np.zeros(len(kept), bool)
+            if n_hard > 0:
+                sel[np.argsort(-kept_score, kind="stable")[:n_hard]] = True
+            if n_random > 0:
+                cand = np.flatnonzero(~sel & (kept.kind == ordinary))
+                sel[cand[np.argsort(-kept_key[cand], kind="stable")[:n_random]]] = True
+            idx = np.flatnonzero(sel)
+            kept = S.LensSet(**{k: getattr(kept, k)[idx] for k in S.LensSet.KEYS}, meta=dict(kept.meta))
+            kept_score, kept_key = kept_score[idx], kept_key[idx]
+        print(f"  lenses mining: part seed {seed} done, {n_seen} stamps scored ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    assert kept is not None
+    hard = np.zeros(len(kept), bool)
+    hard[np.argsort(-kept_score, kind="stable")[:n_hard]] = True
+    q = {S.LENS_KINDS[k]: {"n": int(sum(v.size for v in vs)),
+                           "score_quantiles_0.5_0.99_0.999": [round(float(x), 4) for x in
+                                                              np.quantile(np.concatenate(vs), [0.5, 0.99, 0.999])]}
+         for k, vs in sorted(all_scores.items())}
+    kept.meta = {"parts": parts, "n_scored": n_seen, "n_hard": int(hard.sum()), "n_random": int((~hard).sum()),
+                 "lowest_hard_score": round(float(kept_score[hard].min()), 4) if hard.any() else None,
+                 "kinds": {S.LENS_KINDS[k]: int(np.sum(kept.kind[hard] == k)) for k in np.unique(kept.kind[hard])},
+                 "pool_scores": q, "model_onnx_sha256": sha, "seconds": round(time.perf_counter() - t0, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept.save(path)
+    return kept
+
+
+def extended_metrics(score_val: np.ndarray, va: Any, score_extra: np.ndarray) -> dict[str, Any]:
+    """Benchmark-style metrics: validation lenses vs the validation set's ordinary negatives plus extra ones."""
+    ordinary = S.LENS_KINDS.index("ordinary")
+    keep = (va.label == 1) | (va.kind == ordinary)
+    sc = np.concatenate([score_val[keep], score_extra])
+    lb = np.concatenate([va.label[keep].astype(int), np.zeros(score_extra.size, int)])
+    th = np.concatenate([va.theta_e[keep], np.full(score_extra.size, np.nan)])
+    sn = np.concatenate([va.snr[keep], np.full(score_extra.size, np.nan)])
+    out: dict[str, Any] = {"n_pos": int(lb.sum()), "n_neg": int((lb == 0).sum()), "roc_auc": round(S.roc_auc(sc, lb), 4)}
+    thr = {}
+    for f in (0.01, 0.001):
+        t, thr[f] = tpr_at_fpr(sc, lb, f)
+        out[f"tpr_at_fpr_{f:g}"] = round(t, 4)
+        out[f"threshold_at_fpr_{f:g}"] = round(thr[f], 6)
+    out["tpr0"] = round(tpr_n_fp(sc, lb, 1), 4)
+    out["tpr10"] = round(tpr_n_fp(sc, lb, 10), 4)
+    easy = (lb == 0) | ((th > 1.4) & (sn > 20))
+    for f in (0.01, 0.001):
+        out[f"tpr_at_fpr_{f:g}_theta_e_gt_1.4_snr_gt_20"] = round(tpr_at_fpr(sc[easy], lb[easy], f)[0], 4)
+    out["fpr_by_kind"] = {k: [round(float(np.mean(score_val[va.kind == i] > thr[f])), 4) for f in (0.01, 0.001)]
+                          for i, k in enumerate(S.LENS_KINDS) if i > 0 and np.any(va.kind == i)}
+    return out
 
 
 def colour_residual_pairs(text: str, bands: str) -> list[list[int]]:
@@ -245,6 +433,15 @@ def cached_lens_set(workdir: Path, seed: int, purpose: str, counts: dict[str, in
     return ls
 
 
+def _chain(t: dict[str, Any]) -> list[str]:
+    """The training commands of a model and of the models its ``--init`` continued, oldest first."""
+    cmds, node = [t.get("command") or "surveypipe train lenses"], t.get("init")
+    while node:
+        cmds.append(node.get("command") or "?")
+        node = node.get("init")
+    return cmds[::-1]
+
+
 def write_readme(out: Path, card: Any) -> None:
     m, t = card.metrics, card.training
     lines = [f"# {card.name} v{card.version}", "",
@@ -256,8 +453,9 @@ def write_readme(out: Path, card: Any) -> None:
              f"fixed masks) x {t.get('net', {}).get('tta', 1)} symmetries of the stamp; `lens_scoreErr` their std. "
              f"Network: {t.get('net')}.", "",
              "Used by `stages.lenses.Lenses`; "
-             + (f"reproduce with two runs: `{t['init'].get('command')}`, then `{t.get('command')}` (its `--init` "
-                "naming the first run's output), copying the result to `stages/models/lenses`." if t.get("init")
+             + (f"reproduce with {len(_chain(t))} runs: " + ", then ".join(f"`{c}`" for c in _chain(t))
+                + " (each `--init` naming the previous run's output), copying the result to `stages/models/lenses`."
+                if t.get("init")
                 else f"reproduce with one run, `{t.get('command') or 'surveypipe train lenses'}` (what `make models` runs; "
                      "its `--out` may name a scratch directory whose files were then copied to `stages/models/lenses`)."), "",
              "## Training", "", f"- lenses: {t.get('lenses')}", f"- set: {t.get('counts')} ({t.get('n_stamps')} stamps), "
@@ -265,6 +463,14 @@ def write_readme(out: Path, card: Any) -> None:
              *([f"- continued from the weights of `{t['init'].get('model_dir')}` (ONNX sha256 "
                 f"{str(t['init'].get('onnx_sha256'))[:12]}…, {t['init'].get('epochs')} epochs at peak lr "
                 f"{t['init'].get('lr')}: `{t['init'].get('command')}`)"] if t.get("init") else []),
+             *([f"- hard-negative mining: {t['hard_negative_mining'].get('n_hard')} highest-scoring + "
+                f"{t['hard_negative_mining'].get('n_random')} random ordinary negatives of a pool of "
+                f"{t['hard_negative_mining'].get('n_scored')} stamps (seeds "
+                f"{[q[0] for q in t['hard_negative_mining'].get('parts', [])]}, per seed "
+                f"{(t['hard_negative_mining'].get('parts') or [[None, None]])[0][1]}) scored by "
+                f"`{t['hard_negative_mining'].get('model_dir')}`; "
+                f"mined kinds {t['hard_negative_mining'].get('kinds')}, lowest mined score "
+                f"{t['hard_negative_mining'].get('lowest_hard_score')}"] if t.get("hard_negative_mining") else []),
              f"- {t.get('epochs')} epochs ({t.get('steps')} steps) on {t.get('threads')} CPU thread(s): "
              f"{t.get('train_seconds')} s training" + (f" ({t['train_cpu_seconds']} s CPU)" if t.get("train_cpu_seconds") else "")
              + f", {t.get('simulate_seconds')} s simulation" + (f" ({t['simulation_note']})" if t.get("simulation_note") else ""), "",
@@ -274,7 +480,14 @@ def write_readme(out: Path, card: Any) -> None:
              f"- TPR at FPR 0.1 % for theta_E > 1.4\" and lensed-source S/N > 20: {m.get('tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20')}",
              f"- false-positive rate per negative kind at the FPR-1 % threshold: {m.get('fpr_by_kind_at_fpr_0.01_threshold')}",
              f"- max |ONNX Runtime - torch| on fresh inputs: {m.get('onnx_vs_torch_max_abs_diff')}",
-             f"- throughput (1 thread): {m.get('throughput')}", "",
+             f"- throughput (1 thread): {m.get('throughput')}",
+             *([f"- extended validation, the benchmark's way ({m['extended'].get('holdout')}): ROC AUC "
+                f"{m['extended'].get('roc_auc')}; TPR at FPR 1 % {m['extended'].get('tpr_at_fpr_0.01')}, at 0.1 % "
+                f"{m['extended'].get('tpr_at_fpr_0.001')}; TPR0 {m['extended'].get('tpr0')}, TPR10 "
+                f"{m['extended'].get('tpr10')}; theta_E > 1.4\" and S/N > 20: TPR at FPR 1 % "
+                f"{m['extended'].get('tpr_at_fpr_0.01_theta_e_gt_1.4_snr_gt_20')}, at 0.1 % "
+                f"{m['extended'].get('tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20')}; hard kinds above the FPR-1 % / "
+                f"0.1 % thresholds {m['extended'].get('fpr_by_kind')}"] if m.get("extended") else []), "",
              "The benchmark with >= 1e5 negatives: `surveypipe bench deeplearning`.", "", "Full card: `card.json`.", ""]
     (Path(out) / "README.md").write_text("\n".join(lines))
 
