@@ -25,17 +25,15 @@ def tune_malloc(threshold: int | None = None) -> bool:
     """
     if threshold is None:
         threshold = int(os.environ.get("SURVEYPIPE_MALLOC_THRESHOLD", MALLOC_THRESHOLD))
-    import ctypes
-    import ctypes.util
+    from .rss import glibc
 
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         m_trim, m_mmap = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
         return bool(libc.mallopt(m_mmap, threshold)) and bool(libc.mallopt(m_trim, threshold))
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
 
 
