@@ -52,6 +52,18 @@ def _failure(tile_id: str, kind: str, message: str, *, stage: str | None = None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _drop_dead_products(products: dict[str, Any], later: list[Stage], reuse: dict[str, str | None],
+                        transient: set[str], dag: Dag) -> bool:
+    """Free the in-memory products no stage still to run reads: the exposure and transient products
+    (the non-transient ones wait for the commit). A tile's planes and intermediate maps would
+    otherwise stay resident through every later stage and the write. True when the exposure went."""
+    needed = {r for s in later if not reuse[s.name] for r in dag.inputs(s)}
+    dead = [p for p in products if p not in needed and (p == "exposure" or p in transient)]
+    for p in dead:
+        del products[p]
+    return "exposure" in dead
+
+
 def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_dir: str, *,
                  from_stage: str | None = None, force: bool = False, segment: list[str] | None = None,
                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -99,9 +111,11 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
         sources.append(("tile", committed, False))
 
     products: dict[str, Any] = {}
+    transient = {p for s in plan for p in s.transient}
     keys: dict[str, str] = {"exposure": _exposure_key(manifest, tile_id)}
     record: dict[str, Any] = {}
     tile: TileData | None = None
+    tile_meta: dict[str, Any] | None = None  # what the commit needs of the tile once its planes are freed
     current: Stage | None = None
     try:
         # decide, in order, which stages can reuse outputs already on disk (same cache key)
@@ -144,6 +158,8 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
                     tile = load_tile(manifest, manifest.tile(tile_id))
                 record["_read"] = {"seconds": round(time.perf_counter() - t_read, 4), "peak_rss_mb": mem.peak_mb}
                 products["exposure"] = tile
+                tile_meta = {"caveats": list(tile.caveats), "files": dict(tile.files), "sha256": dict(tile.checksums),
+                             "bands": list(tile.bands), "shape": list(tile.shape)}
             ts, cpu0 = time.perf_counter(), time.process_time()
             try:
                 with phase_peak() as mem:
@@ -157,6 +173,10 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
             if missing:
                 raise AlgorithmError(f"stage {s.name!r} did not return {sorted(missing)}")
             products.update(out)
+            del out
+            if _drop_dead_products(products, plan[plan.index(s) + 1:], reuse, transient, dag):
+                tile = None  # the exposure's last reader has run: its planes go before the next stage / the write
+                release_free_heap()
             record[s.name] = {
                 "version": s.version, "key": keys[next(iter(s.provides))] if s.provides else "",
                 "config": cfgs[s.name].model_dump(mode="json"), "config_hash": config_hash(cfgs[s.name]),
@@ -176,7 +196,7 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
                 to_store[p] = products[p]
         t_write = time.perf_counter()
         old = committed or checkpoint or {}
-        input_caveats = list(tile.caveats if tile else old.get("input_caveats", []))
+        input_caveats = list(tile_meta["caveats"] if tile_meta else old.get("input_caveats", []))
         caveats = input_caveats + [f"{name}: {c}" for name, rec in record.items() if not name.startswith("_")
                                    for c in rec.get("caveats", [])]
         attrs = {
@@ -184,11 +204,11 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
             "config_digest": digest,
             "code_version": CODE_VERSION,
             "stages": {k: v for k, v in record.items() if not k.startswith("_")},
-            "inputs": {"files": tile.files if tile else old.get("inputs", {}).get("files", {}),
-                       "sha256": tile.checksums if tile else old.get("inputs", {}).get("sha256", {}),
+            "inputs": {"files": tile_meta["files"] if tile_meta else old.get("inputs", {}).get("files", {}),
+                       "sha256": tile_meta["sha256"] if tile_meta else old.get("inputs", {}).get("sha256", {}),
                        "key": keys["exposure"]},
-            "bands": tile.bands if tile else old.get("bands", []),
-            "shape": list(tile.shape) if tile else old.get("shape"),
+            "bands": tile_meta["bands"] if tile_meta else old.get("bands", []),
+            "shape": tile_meta["shape"] if tile_meta else old.get("shape"),
             "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
             "timings": {"read": record.get("_read", {}).get("seconds", 0.0)},
             "outcome": "partial" if caveats else "complete", "caveats": caveats, "input_caveats": input_caveats,

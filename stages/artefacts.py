@@ -49,30 +49,50 @@ STRIDE_DEFAULT = 16
 
 
 # ------------------------------------------------------------------ normalisation (the card's recipe)
-def normalise(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, norm: Mapping[str, Any]) -> np.ndarray:
+def _bad_pixels(img: np.ndarray, w: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+    badm = ~(np.isfinite(img) & np.isfinite(w) & (w > 0))
+    if bad is not None:
+        badm |= np.asarray(bad, bool)
+    return badm
+
+
+def weight_median(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None) -> float | None:
+    """The median good weight of a band (channel 1's reference), from a regular subsample of at
+    most ~250k good pixels; None when no pixel is good."""
+    w = np.asarray(weight, np.float32)
+    wg = w[~_bad_pixels(np.asarray(image, np.float32), w, bad)]
+    if not wg.size:
+        return None
+    return float(np.median(wg[:: max(1, wg.size // 250_000)]))
+
+
+def normalise(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, norm: Mapping[str, Any],
+              median_weight: float | None = None) -> np.ndarray:
     """The network input of one band, ``(3, H, W)`` float32, as the model card's ``normalisation`` says.
 
     Channel 0: ``asinh(image * sqrt(weight) / asinh_scale)`` (per-pixel S/N, stretched);
     channel 1: ``log(weight / median(weight > 0))`` clipped to ``logw_clip`` (0 where bad; the median
     of a regular subsample of at most ~250k good pixels);
     channel 2: 1 where the pixel is bad (no data: zero weight, NaN, input mask), else 0.
-    Unit-free: the same for nJy or image units, for any depth.
+    Unit-free: the same for nJy or image units, for any depth. Every channel is per pixel once the
+    median is known, so a window of a band with the band's ``median_weight`` (:func:`weight_median`)
+    is exactly that window of the whole band's input (how the stage runs: no whole-band copy).
     """
     if norm.get("recipe", "snr_asinh_logw_bad") != "snr_asinh_logw_bad":
         raise ValueError(f"unknown normalisation recipe {norm.get('recipe')!r}")
     img = np.asarray(image, np.float32)
     w = np.asarray(weight, np.float32)
-    badm = ~(np.isfinite(img) & np.isfinite(w) & (w > 0))
-    if bad is not None:
-        badm |= np.asarray(bad, bool)
+    badm = _bad_pixels(img, w, bad)
     good = ~badm
     out = np.zeros((3,) + img.shape, np.float32)
     if good.any():
+        med = median_weight
+        if med is None:
+            wg = w[good]
+            med = float(np.median(wg[:: max(1, wg.size // 250_000)]))  # a regular subsample is plenty
         sw = np.sqrt(np.where(good, w, 0.0), dtype=np.float32)
         snr = np.where(good, img, 0.0) * sw
         np.arcsinh(snr / np.float32(norm.get("asinh_scale", 1.0)), out=out[0])
-        wg = w[good]
-        med = float(np.median(wg[:: max(1, wg.size // 250_000)]))  # a regular subsample is plenty
         lo, hi = norm.get("logw_clip", (-5.0, 3.0))
         with np.errstate(divide="ignore"):
             lw = np.log(np.where(good, w, med) / med)
@@ -81,6 +101,28 @@ def normalise(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, nor
     out[2][badm] = 1.0
     out[0][badm] = 0.0
     return out
+
+
+class BandInput:
+    """The normalised input of one band, made window by window (:func:`predict_probabilities`):
+    the whole ``(3, H, W)`` float32 input and its temporaries (~5x one image plane) are never held."""
+
+    def __init__(self, image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, norm: Mapping[str, Any]):
+        self.image, self.weight, self.bad, self.norm = image, weight, bad, norm
+        self.median_weight = weight_median(image, weight, bad)
+        self.shape = (3,) + tuple(image.shape)
+
+    def window(self, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
+        """Rows ``ya:yb``, columns ``xa:xb`` of the input, zero beyond the image (the stride padding)."""
+        h, w = self.shape[1:]
+        out = np.zeros((3, yb - ya, xb - xa), np.float32)
+        y1, x1 = min(yb, h), min(xb, w)
+        if y1 > ya and x1 > xa:
+            sl = (slice(ya, y1), slice(xa, x1))
+            out[:, :y1 - ya, :x1 - xa] = normalise(self.image[sl], self.weight[sl],
+                                                   None if self.bad is None else self.bad[sl], self.norm,
+                                                   median_weight=self.median_weight)
+        return out
 
 
 # ------------------------------------------------------------------ patch-wise inference, seamless
@@ -112,9 +154,10 @@ def _padded(x: np.ndarray, stride: int) -> np.ndarray:
     return xp
 
 
-def predict_probabilities(fn: Any, x: np.ndarray, *, core: int = 2048, margin: int = 112, stride: int = STRIDE_DEFAULT,
+def predict_probabilities(fn: Any, x: "np.ndarray | BandInput", *, core: int = 2048, margin: int = 112, stride: int = STRIDE_DEFAULT,
                           sink: Any = None) -> np.ndarray | None:
-    """Per-class probabilities ``(C, H, W)`` of ``fn`` (a callable ``(1, 3, h, w) -> (1, C, h, w)``).
+    """Per-class probabilities ``(C, H, W)`` of ``fn`` (a callable ``(1, 3, h, w) -> (1, C, h, w)``) on
+    ``x``, a ``(3, H, W)`` input or a :class:`BandInput` that makes each window's input when it runs.
 
     The input is zero-padded (bottom, right) to a multiple of ``stride`` (the network's total
     downsampling) and run in the overlapping windows of :func:`windows`; only each window's core
@@ -123,13 +166,17 @@ def predict_probabilities(fn: Any, x: np.ndarray, *, core: int = 2048, margin: i
     With ``sink(y0, y1, x0, x1, probs)`` the cores are handed over one by one instead (no full array).
     """
     _, h, w = x.shape
-    xp = _padded(x, stride)
+    lazy = isinstance(x, BandInput)
+    xp = None if lazy else _padded(x, stride)
+    hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
     probs = None
-    for (ya, yb, xa, xb), (y0, y1, x0, x1) in windows(xp.shape[1], xp.shape[2], core=core, margin=margin, stride=stride):
+    for (ya, yb, xa, xb), (y0, y1, x0, x1) in windows(hp, wp, core=core, margin=margin, stride=stride):
         y1, x1 = min(y1, h), min(x1, w)
         if y1 <= y0 or x1 <= x0:
             continue
-        res = np.asarray(fn(xp[None, :, ya:yb, xa:xb]))[0]
+        xin = x.window(ya, yb, xa, xb) if lazy else xp[:, ya:yb, xa:xb]
+        res = np.asarray(fn(xin[None]))[0]
+        del xin
         part = res[:, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
         if sink is not None:
             sink(y0, y1, x0, x1, part)
@@ -216,7 +263,7 @@ class Artefacts(Stage):
         thr_v = np.array([thr[c] for c in ARTEFACT_CLASSES], np.float32)
         bit_v = [np.uint16(ARTEFACT_BITS[c]) for c in ARTEFACT_CLASSES]
         for band in tile.bands:
-            x = normalise(tile.image[band], tile.weight[band], tile.bad[band], card.normalisation)
+            x = BandInput(tile.image[band], tile.weight[band], tile.bad[band], card.normalisation)
             shape = x.shape[1:]
             mask = np.zeros(shape, np.uint16)
             pq = np.zeros((len(ARTEFACT_CLASSES),) + shape, np.uint8) if config.probabilities else None

@@ -142,3 +142,23 @@ class Touch(Stage):
         assert int(block[:: 4096].sum()) == block[:: 4096].size
         del block
         return {"touchtable": object_ids(inputs)}
+
+
+EXPOSURES: list = []      # weak references to the tiles the runner loaded (set by the test)
+EXPOSURE_ALIVE: list = []  # what ExposureProbe saw
+
+
+class ExposureProbe(Stage):
+    """Records whether the tile's exposure is still in memory when it runs (after photometry)."""
+
+    name = "exposure_probe"
+    version = "1"
+    requires = ("objects",)
+    provides = {"probetable": "objectId copy"}
+
+    def run(self, inputs: Mapping[str, Any], config: StageConfig) -> dict[str, Any]:
+        import gc
+
+        gc.collect()
+        EXPOSURE_ALIVE.extend(ref() is not None for ref in EXPOSURES)
+        return {"probetable": object_ids(inputs)}

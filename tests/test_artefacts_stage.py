@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.artefacts import (ARTEFACT_BITS, ARTEFACT_CLASSES, MODEL_DIR, Artefacts, ArtefactsConfig, decode_mask,
-                              predict_probabilities)
+from stages.artefacts import (ARTEFACT_BITS, ARTEFACT_CLASSES, MODEL_DIR, Artefacts, ArtefactsConfig, BandInput,
+                              decode_mask, normalise, predict_probabilities)
 from workflows.mock.artefacts import ArtefactRates, inject_artefacts
 
 SIZE = 256
@@ -117,6 +117,34 @@ def test_no_seams_between_patches(tmp_path):
     assert np.array_equal(whole["masks/artefacts"].planes["r"], tiled["masks/artefacts"].planes["r"])
     for k, v in whole["masks/artefact_probability"].planes.items():
         assert np.max(np.abs(v.astype(int) - tiled["masks/artefact_probability"].planes[k].astype(int))) <= 1, k
+
+
+def test_window_by_window_input_equals_the_whole_band_input_bit_for_bit():
+    """The stage normalises each window as it runs (no whole-band copy): the same bytes reach the
+    network as from the whole band's input, zero weights, NaNs, masked pixels and padding included."""
+    rng = np.random.default_rng(3)
+    h, w = 203, 150  # not a multiple of the stride: padded windows at the bottom and right
+    image = rng.normal(0, 1, (h, w)).astype(np.float32)
+    weight = rng.uniform(0.5, 2.0, (h, w)).astype(np.float32)
+    weight[10:14, :] = 0.0
+    image[50, 60] = np.nan
+    bad = np.zeros((h, w), bool)
+    bad[:, 100] = True
+    norm = {"recipe": "snr_asinh_logw_bad", "asinh_scale": 3.0, "logw_clip": (-5.0, 3.0)}
+    seen: dict[str, list[np.ndarray]] = {"whole": [], "lazy": []}
+
+    def recording(key):
+        def fn(x):
+            seen[key].append(x.copy())
+            box = x.sum(axis=1, keepdims=True)  # a 3x3 neighbourhood sum: depends on the margin pixels
+            return sum(np.roll(np.roll(box, dy, axis=2), dx, axis=3) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        return fn
+
+    whole = predict_probabilities(recording("whole"), normalise(image, weight, bad, norm), core=64, margin=16, stride=16)
+    lazy = predict_probabilities(recording("lazy"), BandInput(image, weight, bad, norm), core=64, margin=16, stride=16)
+    assert len(seen["whole"]) == len(seen["lazy"]) > 4
+    assert all(np.array_equal(a, b) for a, b in zip(seen["whole"], seen["lazy"]))
+    assert np.array_equal(whole, lazy)
 
 
 def test_patching_matches_a_whole_pass_for_any_function():

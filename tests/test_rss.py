@@ -42,6 +42,36 @@ def test_the_runner_records_each_stage_peak_and_the_worker_peak(tmp_path):
     assert rec["maxrss_mb"] >= st["touch"]["peak_rss_mb"]
 
 
+def test_the_exposure_is_freed_once_no_later_stage_reads_it(tmp_path, monkeypatch):
+    """The engine drops a tile's planes (and transient products) after their last reader: the
+    stages after photometry and the write do not carry the exposure."""
+    import weakref
+
+    import helpers_stages
+    import pipeline.runner as runner
+
+    loaded = []
+
+    def tracking_load(*a, **k):
+        tile = runner.load_tile.__wrapped__(*a, **k)
+        helpers_stages.EXPOSURES.append(weakref.ref(tile))
+        loaded.append(tile.tile_id)
+        return tile
+
+    tracking_load.__wrapped__ = runner.load_tile
+    monkeypatch.setattr(runner, "load_tile", tracking_load)
+    monkeypatch.setattr(helpers_stages, "EXPOSURES", [])
+    monkeypatch.setattr(helpers_stages, "EXPOSURE_ALIVE", [])
+    manifest, _ = make_release(tmp_path / "release", n_tiles=1)
+    cfg = PipelineConfig(stages=[CLASSICAL, "helpers_stages:ExposureProbe"])
+    rec = process_tile(load_manifest(manifest), "t0000", cfg, str(tmp_path / "out"))
+    assert rec["status"] == "complete", rec
+    assert loaded == ["t0000"] and helpers_stages.EXPOSURE_ALIVE == [False]
+    # ... and nothing the commit needs of it was lost
+    from pipeline.store import CatalogStore
+    attrs = CatalogStore(tmp_path / "out").tile_attrs("t0000")
+    assert len(attrs["inputs"]["sha256"]) == len(attrs["bands"]) > 0 and len(attrs["shape"]) == 2
+
 
 HEAP_PROBE = """
 import gc, os, sys
