@@ -52,6 +52,14 @@ def _failure(tile_id: str, kind: str, message: str, *, stage: str | None = None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def plan_key(plan: list[Stage], cfgs: dict[str, Any]) -> str:
+    """What a tile's outcome depends on besides its inputs: every planned stage's version, resolved
+    config (defaults included) and model files. A complete tile is skipped only when this matches:
+    the user's config digest alone misses a new stage default, version or model after an upgrade
+    (the per-stage cache keys then recompute only what changed)."""
+    return hashlib.sha256(json.dumps([cache_key(s, cfgs[s.name], {}) for s in plan]).encode()).hexdigest()[:32]
+
+
 def _drop_dead_products(products: dict[str, Any], later: list[Stage], reuse: dict[str, str | None],
                         transient: set[str], dag: Dag) -> bool:
     """Free the in-memory products no stage still to run reads: the exposure and transient products
@@ -91,15 +99,17 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
     store = CatalogStore(out_dir)
     digest = config.digest()
     first_task = previous is None
-    if not force and from_stage is None and store.is_complete(tile_id, digest):
-        return {"tile": tile_id, "status": "skipped", "seconds": 0.0}
-    if first_task and (force or from_stage):
-        store.drop_checkpoint(tile_id)  # recompute means recompute, not reuse of an older partial
     stages = config.load_stages()
     dag = Dag(stages)
     cfgs = config.stage_configs(stages)
     plan = dag.needed_for(segment if segment else config.targets)
     full_plan = dag.needed_for(config.targets)
+    stages_key = plan_key(full_plan, cfgs)
+    if not force and from_stage is None and store.is_complete(tile_id, digest) \
+            and (store.tile_attrs(tile_id) or {}).get("plan_key") == stages_key:
+        return {"tile": tile_id, "status": "skipped", "seconds": 0.0}
+    if first_task and (force or from_stage):
+        store.drop_checkpoint(tile_id)  # recompute means recompute, not reuse of an older partial
     final = segment is None
     must_run = dag.downstream_of(from_stage) if from_stage else set()
     committed = None if force else store.tile_attrs(tile_id)
@@ -202,6 +212,7 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
         attrs = {
             "tile_id": tile_id,
             "config_digest": digest,
+            "plan_key": stages_key,
             "code_version": CODE_VERSION,
             "stages": {k: v for k, v in record.items() if not k.startswith("_")},
             "inputs": {"files": tile_meta["files"] if tile_meta else old.get("inputs", {}).get("files", {}),

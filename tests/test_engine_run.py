@@ -88,6 +88,26 @@ def test_changed_stage_config_recomputes_only_downstream(tmp_path, cluster2):
     assert "g_ap04Flux" in store.read_table("t0000", "objects")
 
 
+def test_a_new_stage_version_reruns_a_complete_tile_from_that_stage(tmp_path, monkeypatch):
+    """After an upgrade the user's config is unchanged, yet a stage's code (version, default or model)
+    is not: the complete tile is not skipped, and only that stage and what follows recompute."""
+    from pipeline.runner import process_tile
+    from stages import Photometry
+
+    manifest_path, _ = make_release(tmp_path / "rel", n_tiles=1)
+    m = load_manifest(manifest_path)
+    cfg = PipelineConfig(stages=CLASSICAL)
+    out = str(tmp_path / "out")
+    assert process_tile(m, "t0000", cfg, out)["status"] == "complete"
+    assert process_tile(m, "t0000", cfg, out)["status"] == "skipped"
+    monkeypatch.setattr(Photometry, "version", Photometry.version + "-upgraded")
+    rec = process_tile(m, "t0000", cfg, out)
+    assert rec["status"] == "complete"
+    assert rec["stages"]["deblending"]["reused"] and not rec["stages"]["photometry"]["reused"]
+    assert CatalogStore(out).tile_attrs("t0000")["stages"]["photometry"]["version"].endswith("-upgraded")
+    assert process_tile(m, "t0000", cfg, out)["status"] == "skipped"
+
+
 def test_algorithm_error_fails_one_tile_and_names_stage(tmp_path, cluster2):
     manifest_path, _ = make_release(tmp_path / "rel", n_tiles=2)
     m = load_manifest(manifest_path)
