@@ -147,13 +147,19 @@ class Stamps:
     def gather(self, img: np.ndarray) -> np.ndarray:
         """(n, S, S) cut-outs of ``img``; zero off the image."""
         S = self.size
-        out = np.empty((self.rows.size, S, S), img.dtype)
         inn = self.interior
+        edge = np.flatnonzero(~inn)
         if inn.any():
+            # every stamp through the window view at a position clipped onto the image (one fancy-index
+            # copy: ~6x faster than assigning the interior ones through a boolean mask), then the few
+            # edge stamps overwritten with their zero-padded cut-outs
+            h, w = img.shape
             win = sliding_window_view(img, (S, S))
-            out[inn] = win[self.oy[inn], self.ox[inn]]
-        if (~inn).any():
-            out[~inn] = np.where(self.inside, img.ravel()[self.idx[~inn]], np.zeros((), img.dtype))
+            out = win[np.clip(self.oy, 0, h - S), np.clip(self.ox, 0, w - S)]
+        else:
+            out = np.empty((self.rows.size, S, S), img.dtype)
+        if edge.size:
+            out[edge] = np.where(self.inside, img.ravel()[self.idx[edge]], np.zeros((), img.dtype))
         return out
 
     def scatter_add(self, flat: np.ndarray, vals: np.ndarray) -> None:
