@@ -427,8 +427,8 @@ def load_tile(manifest: Manifest, spec: TileSpec, bands: list[str] | None = None
                                                              "is not a number") from None
         headers[p.band] = keep
         for q in (p.image, p.weight, p.mask):
-            if q is not None:
-                sums.setdefault(str(q.path), file_sha256(q.path))
+            if q is not None and str(q.path) not in sums:  # once per file: the planes often share one
+                sums[str(q.path)] = file_sha256(q.path)
     ref_wcs["NAXIS1"], ref_wcs["NAXIS2"] = ref.image.shape[1], ref.image.shape[0]
     caveats = [f"band {b} missing from the tile (no file in the manifest): its columns are absent"
                for b in (bands or manifest.bands) if b not in spec.files]

@@ -185,3 +185,19 @@ def test_mismatched_pixel_grids(release):
     assert e.value.tile == "t0000" and e.value.file.endswith("rel2/t0000_r.fits")
     assert e.value.reason.startswith("band r pixel grid differs from band g (t0000_g.fits): 64x64 pixels where "
                                      "the tile's grid has 48x48")
+
+
+def test_provenance_hashes_each_input_file_once_with_its_true_sha256(release, monkeypatch):
+    """Image, weight and mask planes usually share one file: its sha256 is computed once, not per plane."""
+    import hashlib
+
+    import pipeline.tile as tile_mod
+
+    root, _, mp = release
+    calls: list[str] = []
+    real = tile_mod.file_sha256
+    monkeypatch.setattr(tile_mod, "file_sha256", lambda p: calls.append(str(p)) or real(p))
+    td = load_tile(load_manifest(mp), load_manifest(mp).tiles[0])
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == len(td.checksums) == len(td.bands)
+    for path, digest in td.checksums.items():
+        assert digest == hashlib.sha256(Path(path).read_bytes()).hexdigest()
