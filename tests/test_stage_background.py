@@ -88,3 +88,18 @@ def test_the_memory_option_stays_out_of_cache_keys_and_the_fingerprint():
     assert config_hash(Background.Config()) == config_hash(Background.Config(reuse_exposure=False))
     assert config_hash(Background.Config()) != config_hash(Background.Config(mesh=64))
     assert "reuse_exposure" not in fingerprint_payload()["background"]["config"]
+
+
+@pytest.mark.parametrize("grow", [1, 2, 3])
+@pytest.mark.parametrize("density", [0.001, 0.3])
+def test_grow_square_equals_repeated_3x3_dilation_at_edges_too(grow, density):
+    from scipy import ndimage as ndi
+
+    from stages.background import grow_square
+
+    rng = np.random.default_rng(160 + grow)
+    m = rng.random((97, 130)) < density
+    m[0, 0] = m[96, 129] = m[50, 0] = m[0, 77] = True  # corners and edges
+    want = ndi.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=grow)
+    assert np.array_equal(grow_square(m, grow), want)
+    assert np.array_equal(grow_square(np.zeros_like(m), grow), np.zeros_like(m))
