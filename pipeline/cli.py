@@ -244,23 +244,36 @@ def _dispatch(package: str, name: str, args: tuple[str, ...]) -> None:
     sys.exit(code or 0)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+# The workflow commands pass every argument after NAME, ``--help`` included, to the workflow's own parser
+# (click's help option would answer ``train lenses --help`` with this group's help instead).
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+def _own_help_or_dispatch(package: str, name: str, args: tuple[str, ...]) -> None:
+    if name in ("-h", "--help"):
+        ctx = click.get_current_context()
+        click.echo(ctx.get_help())
+        ctx.exit(0)
+    _dispatch(package, name, args)
+
+
+@main.command(context_settings=_PASS_THROUGH)
 @click.argument("name")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def train(name, args):
     """Train a model: NAME is artefacts, photoz, morphology or lenses (see NAME --help)."""
-    _dispatch("workflows.train", name, args)
+    _own_help_or_dispatch("workflows.train", name, args)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings=_PASS_THROUGH)
 @click.argument("name")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args):
-    """Run a benchmark: NAME is science, artefacts, photoz, deeplearning or performance."""
-    _dispatch("workflows.bench", name, args)
+    """Run a benchmark: NAME is science, artefacts, photoz, deeplearning or performance (see NAME --help)."""
+    _own_help_or_dispatch("workflows.bench", name, args)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings=_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def photoz(args):
     """Apply a photo-z model to any catalogue table (see --help)."""
