@@ -70,7 +70,7 @@ models: install-dev
 	$(SP) train artefacts --out out/train/artefacts/m2 --train-seeds 1000-1005 --finetune-steps 0 && \
 	  $(SP) train artefacts --out out/train/artefacts/m3 --init out/train/artefacts/m2/model.pt --init-card out/train/artefacts/m2/card.json --steps 0 && \
 	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt --init-card out/train/artefacts/m3/card.json --steps 0
-	$(SP) train photoz --mock --workdir out/photoz_mock_v3 --out stages/models/photoz
+	$(SP) train photoz --mock --workdir out/photoz_mock_v4 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
 	$(SP) train lenses --out out/train/lenses/e36 --epochs 36 --threads 1 && \
 	  $(SP) train lenses --out out/train/lenses/hn1 --init out/train/lenses/e36 --hard-negatives 3000 --mine-pool 100000 \
