@@ -367,13 +367,7 @@ def mirror_residual_peaks(img: np.ndarray, foot: np.ndarray, qx: np.ndarray, qy:
     on &= (np.where(on, here, -np.inf).max(axis=(1, 2)) <= img[qy, qx])[:, None, None]
     r = (here - mirrored) * np.float32(1 / np.sqrt(2))
     r = np.where(on & (foot[yc, xc] == foot[qy, qx][:, None, None]) & (here - mirrored >= min_frac * here), r, -np.inf)
-    pad = np.pad(r, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-    n = 2 * radius + 1
-    is_max = r >= min_residual
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                is_max &= r >= pad[:, 1 + dy:1 + dy + n, 1 + dx:1 + dx + n]
+    is_max = (r >= min_residual) & (r >= ndi.maximum_filter(r, size=(1, 3, 3), mode="constant", cval=-np.inf))
     is_max &= (g[None, :, None] ** 2 + g[None, None, :] ** 2) >= min_dist ** 2
     k, iy, ix = np.nonzero(is_max)
     return qy[k] + g[iy], qx[k] + g[ix]
