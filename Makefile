@@ -72,15 +72,15 @@ models: install-dev
 	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt --init-card out/train/artefacts/m3/card.json --steps 0
 	$(SP) train photoz --mock --workdir out/photoz_mock_v4 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
-	$(SP) train lenses --out out/train/lenses/e36 --epochs 36 --threads 1 && \
-	  $(SP) train lenses --out out/train/lenses/hn1 --init out/train/lenses/e36 --hard-negatives 3000 --mine-pool 100000 \
-	    --mine-random 15000 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 && \
-	  $(SP) train lenses --out out/train/lenses/hn2 --init out/train/lenses/hn1 --hard-negatives 5000 --mine-pool 200000 \
-	    --mine-random 20000 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 && \
-	  $(SP) train lenses --out out/train/lenses/hn3 --init out/train/lenses/hn2 --hard-negatives 5000 --mine-pool 200000 \
-	    --mine-seed 1216 --mine-random 20000 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 && \
-	  cp out/train/lenses/hn3/model.onnx out/train/lenses/hn3/model.pt out/train/lenses/hn3/card.json \
-	     out/train/lenses/hn3/README.md stages/models/lenses/
+	L=out/train/lenses; T="--train-scale 2 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 --workdir $$L/ts2_cache"; \
+	  $(SP) train lenses --out $$L/ts2_e36 --train-scale 2 --epochs 36 --threads 1 --val-negatives 30000 --workdir $$L/ts2_cache && \
+	  $(SP) train lenses --out $$L/ts2_hn1 --init $$L/ts2_e36 --hard-negatives 3000 --mine-pool 100000 --mine-random 15000 \
+	    --mine-seed 1300 $$T && \
+	  $(SP) train lenses --out $$L/ts2_hn2 --init $$L/ts2_hn1 --hard-negatives 5000 --mine-pool 100000 --mine-random 10000 \
+	    --mine-seed 1310 $$T && \
+	  $(SP) train lenses --out $$L/ts2_hn3 --init $$L/ts2_hn2 --hard-negatives 5000 --mine-pool 200000 --mine-random 20000 \
+	    --mine-seed 1320 $$T && \
+	  cp $$L/ts2_hn3/model.onnx $$L/ts2_hn3/model.pt $$L/ts2_hn3/card.json $$L/ts2_hn3/README.md stages/models/lenses/
 
 clean:
 	rm -rf out data/demo .pytest_cache

@@ -76,7 +76,7 @@ def test_finite_differences_match_the_torch_gradient():
     g = t.grad.numpy()[0].sum(axis=0)                                   # d p / d (all bands of a pixel)
     g_block = np.abs(g.reshape(spec.size // 2, 2, spec.size // 2, 2).sum(axis=(1, 3)))
     fd = smoothgrad_onnx(lambda b: run_batched(sess, {"input": b.astype(np.float32)}, outputs=["probs"])[0],
-                         x, 1, samples=1, noise=0.0, eps=0.05)[0, ::2, ::2]
+                         x, 1, samples=1, noise=0.0)[0, ::2, ::2]  # the report's own step
     big = g_block > np.percentile(g_block, 75)
     np.testing.assert_allclose(fd[big], g_block[big], rtol=0.25, atol=0.05 * g_block.max())
     sg = smoothgrad_torch(model, x, 1, samples=4, noise=0.1)

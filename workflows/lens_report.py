@@ -109,9 +109,11 @@ def smoothgrad_torch(model: Any, x: np.ndarray, k_class: int, *, samples: int = 
 
 
 def smoothgrad_onnx(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, k_class: int, *, samples: int = 8,
-                    noise: float = 0.15, block: int = 2, eps: float = 0.05, seed: int = 0) -> np.ndarray:
+                    noise: float = 0.15, block: int = 2, eps: float = 0.005, seed: int = 0) -> np.ndarray:
     """SmoothGrad by central finite differences through ``run`` (ONNX): ``block`` x ``block`` pixel
-    blocks perturbed by ``±eps`` in every channel together; (N, S, S)."""
+    blocks perturbed by ``±eps`` in every channel together; (N, S, S). ``eps`` is small because a confident
+    model's p(lens) is a steep sigmoid of its input: with the lens model of 2026-12-05, ±0.05 (stretched
+    units) was off autograd by 7 % in the median block and by up to 69 %, ±0.005 by 1 % and 11 %."""
     rng = np.random.default_rng(seed)
     n, c, s, _ = x.shape
     nb = s // block
