@@ -17,7 +17,10 @@ benchmark seeds (9000-9999) that no training or validation used:
   negatives of each kind, scored through ONNX Runtime. Printed: ROC AUC, TPR at FPR 1 % and 0.1 %,
   TPR0 / TPR10 (highest TPR with 0 / fewer than 10 false positives); the same for lenses with
   theta_E > 1.4" and lensed-source S/N > 20 (goal TPR >= 0.90 at FPR 0.1 %); the false-positive
-  rate of each hard-negative kind at the FPR-1 % and 0.1 % thresholds.
+  rate of each hard-negative kind at the FPR-1 % and 0.1 % thresholds. Each TPR at fixed FPR comes
+  with a 95 % stratified-bootstrap interval (:mod:`workflows.bench.roc_bootstrap`); the per-stamp
+  scores are saved (``lens_scores.npz``), and ``--compare-lens-scores OTHER.npz`` prints this model's
+  TPR minus another run's on the very same stamps, with paired-bootstrap intervals.
 * **Throughput** -- stamps per second on one core: cutting + stretching (the cutout service),
   inference through ONNX Runtime and through the PyTorch model it was exported from (same
   batches); and the time each stage adds per tile (measured on the benchmark tiles, next to the
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=None, help="lens candidate population side (pixels; default by set size)")
     p.add_argument("--jobs", type=int, default=max(1, min(LENS_PARTS, os.cpu_count() or 1)),
                    help="processes for the lens benchmark set (the set itself does not depend on this)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the lens TPR intervals")
+    p.add_argument("--compare-lens-scores", type=Path, default=None, metavar="NPZ",
+                   help="another lens run's lens_scores.npz (same stamps): print the paired TPR differences")
     p.add_argument("--throughput-stamps", type=int, default=2048, help="stamps timed per model in the throughput part")
     p.add_argument("--skip", choices=["morphology", "lenses", "throughput"], action="append", default=[],
                    help="leave out a part (repeatable)")
@@ -263,6 +269,7 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from stages.lenses import Lenses
+    from workflows.bench.roc_bootstrap import tpr_at_fpr_interval
     from workflows.train import stamps as S
     from workflows.train.lenses import tpr_at_fpr, tpr_n_fp
 
@@ -289,23 +296,28 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
     say(f"  ({time.perf_counter() - t0:.0f} s wall)")
     C = {k: np.concatenate(v) for k, v in cols.items()}
     sim_s = time.perf_counter() - t0 - t_inf
-    ordinary = (C["kind"] == S.LENS_KINDS.index("ordinary")) | (C["label"] == 1)
-    score, label = C["score"][ordinary], C["label"][ordinary].astype(int)
+    masks = lens_benchmark_masks(C)
     res: dict[str, Any] = {"counts": counts, "seconds_simulation": round(sim_s, 1), "seconds_inference": round(t_inf, 1)}
 
     def block(name: str, sc: np.ndarray, lb: np.ndarray) -> dict[str, Any]:
         r = {"n_pos": int(lb.sum()), "n_neg": int((lb == 0).sum()), "roc_auc": S.roc_auc(sc, lb)}
         for f in (0.01, 0.001):
             r[f"tpr_at_fpr_{f:g}"], r[f"threshold_at_fpr_{f:g}"] = tpr_at_fpr(sc, lb, f)
+            r[f"tpr_at_fpr_{f:g}_interval95"] = tpr_at_fpr_interval(sc, lb, f, n_boot=a.bootstrap)[1:]
         r["tpr0"], r["tpr10"] = tpr_n_fp(sc, lb, 1), tpr_n_fp(sc, lb, 10)
+        ci = {f: "({:.4f}-{:.4f})".format(*r[f"tpr_at_fpr_{f:g}_interval95"]) for f in (0.01, 0.001)}
         say(f"  {name}: {r['n_pos']} lenses vs {r['n_neg']} ordinary negatives")
-        say(f"    ROC AUC {r['roc_auc']:.4f};  TPR at FPR 1 % {r['tpr_at_fpr_0.01']:.4f}, at FPR 0.1 % "
-            f"{r['tpr_at_fpr_0.001']:.4f};  TPR0 {r['tpr0']:.4f}, TPR10 {r['tpr10']:.4f}")
+        say(f"    ROC AUC {r['roc_auc']:.4f};  TPR at FPR 1 % {r['tpr_at_fpr_0.01']:.4f} {ci[0.01]}, at FPR 0.1 % "
+            f"{r['tpr_at_fpr_0.001']:.4f} {ci[0.001]};  TPR0 {r['tpr0']:.4f}, TPR10 {r['tpr10']:.4f}")
         return r
 
-    res["all"] = block("all lenses (theta_E 0.5-3\", every drawn source)", score, label)
-    easy = (label == 0) | ((C["theta_e"][ordinary] > 1.4) & (C["snr"][ordinary] > 20))
-    res["theta_e_gt_1.4_snr_gt_20"] = block("lenses with theta_E > 1.4\" and lensed-source S/N > 20", score[easy], label[easy])
+    say(f"  (in brackets: 95 % stratified-bootstrap intervals, {a.bootstrap} resamples of lenses and negatives)")
+
+    m = masks["all"]
+    res["all"] = block("all lenses (theta_E 0.5-3\", every drawn source)", C["score"][m], C["label"][m].astype(int))
+    m = masks["restricted"]
+    res["theta_e_gt_1.4_snr_gt_20"] = block("lenses with theta_E > 1.4\" and lensed-source S/N > 20", C["score"][m],
+                                            C["label"][m].astype(int))
     t = res["theta_e_gt_1.4_snr_gt_20"]["tpr_at_fpr_0.001"]
     say(f"    goal TPR >= {GOALS['lens_tpr_fpr0.001_easy']:.2f} at FPR 0.1 %: {'met' if t >= GOALS['lens_tpr_fpr0.001_easy'] else 'NOT met'}")
     hard: dict[str, Any] = {}
@@ -318,6 +330,11 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
                           "fpr_at_thr_0.1pct": float(np.mean(C["score"][m] > thr01))}
             say(f"    {kind:8s} n={hard[kind]['n']:5d}   {hard[kind]['fpr_at_thr_1pct']:.4f}   {hard[kind]['fpr_at_thr_0.1pct']:.4f}")
     res["hard_negatives"] = hard
+    scores_path = a.out / LENS_SCORES
+    np.savez_compressed(scores_path, model_dir=np.array(model_dir), **C)
+    res["scores_file"] = str(scores_path)
+    if a.compare_lens_scores is not None:
+        res["paired_difference"] = compare_lens_scores(C, a.compare_lens_scores, a.bootstrap, say)
     lb = C["label"] == 1
     bins = [(0.5, 1.0), (1.0, 1.4), (1.4, 2.0), (2.0, 3.0)]
     res["tpr_by_theta_e_at_fpr_0.001"] = {}
@@ -331,6 +348,49 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
         say(f"    theta_E {lo:.1f}-{hi:.1f}\"  n={int(m.sum()):5d}  {r[0]:.4f} | {r[1]:.4f}")
     say(f"  (CPU time: simulation {sim_s:.0f} s, ONNX inference {t_inf:.0f} s for {len(C['score'])} stamps)")
     out["lenses"] = res
+
+
+LENS_SCORES = "lens_scores.npz"
+#: per-stamp arrays that must agree between two runs for their scores to be compared stamp by stamp
+LENS_STAMP_KEYS = ("label", "kind", "theta_e", "snr", "mag_i")
+
+
+def lens_benchmark_masks(C: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stamps of each scored population: lenses vs ordinary negatives (hard kinds are reported apart),
+    all lenses and those with theta_E > 1.4" and lensed-source S/N > 20 (the goal's cut)."""
+    from workflows.train import stamps as S
+
+    lens = C["label"] == 1
+    ordinary = (C["kind"] == S.LENS_KINDS.index("ordinary")) | lens
+    return {"all": ordinary, "restricted": ordinary & (~lens | ((C["theta_e"] > 1.4) & (C["snr"] > 20)))}
+
+
+def compare_lens_scores(C: dict[str, np.ndarray], other: Path, n_boot: int, say) -> dict[str, Any]:
+    """This run's TPR minus another run's on the same stamps (``other``: its ``lens_scores.npz``),
+    with paired-bootstrap intervals; refused unless both runs scored the very same stamps."""
+    from workflows.bench.roc_bootstrap import paired_tpr_difference
+
+    try:
+        with np.load(other) as f:
+            B = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--compare-lens-scores {other}: cannot read it ({exc})") from None
+    for k in LENS_STAMP_KEYS:
+        same = k in B and B[k].shape == C[k].shape and np.array_equal(
+            B[k], C[k], equal_nan=bool(np.issubdtype(C[k].dtype, np.floating)))
+        if not same:
+            raise ValueError(f"--compare-lens-scores {other}: its stamps differ from this run's ({k!r}); rerun "
+                             f"both with the same --lens-seed, --negatives, --lenses, --hard, --field and --pool")
+    other_model = str(B.get("model_dir", "?"))
+    say(f"  paired difference, this model minus {other_model} (same stamps; 95 % paired-bootstrap interval):")
+    out: dict[str, Any] = {"other_model": other_model, "other_scores": str(other)}
+    for name, m in lens_benchmark_masks(C).items():
+        lb = C["label"][m].astype(int)
+        for f in (0.01, 0.001):
+            d, lo, hi = paired_tpr_difference(C["score"][m], B["score"][m], lb, f, n_boot=n_boot)
+            out[f"{name}_tpr_at_fpr_{f:g}"] = (d, lo, hi)
+            say(f"    {name:10s} TPR at FPR {100 * f:g} %: {d:+.4f} ({lo:+.4f} to {hi:+.4f})")
+    return out
 
 
 # ---------------------------------------------------------------- throughput
