@@ -108,6 +108,8 @@ def test_hard_negative_mining_adds_the_top_scoring_pool_negatives(tmp_path):
     assert hn["lowest_hard_score"] >= hn["pool_scores"]["ordinary"]["score_quantiles_0.5_0.99_0.999"][0]
     ext = card["metrics"]["extended"]
     assert ext["n_neg"] >= 30 and 0.0 <= ext["roc_auc"] <= 1.0 and "tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20" in ext
+    lo, hi = ext["tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20_interval95"]
+    assert 0.0 <= lo <= ext["tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20"] <= hi <= 1.0
     assert "hard-negative mining" in (out / "README.md").read_text()
     # cached: a second run re-uses the mined set; the mining seed must be a training seed whose populations are
     # not the training set's, and the pool must hold the stamps asked for

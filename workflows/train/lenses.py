@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from workflows.bench.roc_bootstrap import tpr_at_fpr_interval
 from workflows.train import stamps as S
 
 MODEL_NAME = "lenses"
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         e = metrics["extended"]
         print(f"train lenses: extended validation ({e['n_neg']} ordinary negatives): ROC AUC {e['roc_auc']}, TPR at "
               f"FPR 1% {e['tpr_at_fpr_0.01']}, at 0.1% {e['tpr_at_fpr_0.001']}, TPR0 {e['tpr0']}, TPR10 {e['tpr10']}; "
-              f"theta_E > 1.4\" and S/N > 20: TPR at FPR 0.1% {e['tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20']}; "
+              f"theta_E > 1.4\" and S/N > 20: TPR at FPR 0.1% {e['tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20']} "
+              f"(95 % bootstrap {e['tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20_interval95']}); "
               f"hard kinds above the 1% / 0.1% thresholds {e['fpr_by_kind']}", flush=True)
     print(f"wrote {a.out / 'card.json'}")
     return 0
@@ -397,6 +399,9 @@ def extended_metrics(score_val: np.ndarray, va: Any, score_extra: np.ndarray) ->
     easy = (lb == 0) | ((th > 1.4) & (sn > 20))
     for f in (0.01, 0.001):
         out[f"tpr_at_fpr_{f:g}_theta_e_gt_1.4_snr_gt_20"] = round(tpr_at_fpr(sc[easy], lb[easy], f)[0], 4)
+    # how far the goal metric may move by chance alone (the benchmark prints the same interval)
+    lo, hi = tpr_at_fpr_interval(sc[easy], lb[easy], 0.001, n_boot=1000)[1:]
+    out["tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20_interval95"] = [round(lo, 4), round(hi, 4)]
     out["fpr_by_kind"] = {k: [round(float(np.mean(score_val[va.kind == i] > thr[f])), 4) for f in (0.01, 0.001)]
                           for i, k in enumerate(S.LENS_KINDS) if i > 0 and np.any(va.kind == i)}
     return out
