@@ -155,6 +155,10 @@ def test_bench_scores_model_and_baselines_side_by_side(trained, capsys):
         assert label in text, label
     res = json.loads((out / "photoz_bench.json").read_text())
     assert len(res["results"]) == 4 and res["throughput"]["onnx_pdf"] > 0
+    assert "by magnitude (AB magnitude of i)" in text
+    rows = res["by_magnitude"]  # the held-out galaxies have i in 20-23.5: three bins hold them all
+    assert [r["n"] for r in rows[3:]] == [0, 0, 0] and sum(r["n"] for r in rows) == 600
+    assert all(set(r) == {"bin", "n", *res["results"]} for r in rows)
     ours, *base = res["results"].values()
     assert set(ours["point_estimates"]) == {"photoz_median", "photoz_mode", "photoz_mean"}
     assert ours["point_estimates"]["photoz_median"]["sigma_nmad"] == ours["sigma_nmad"]  # the table's row
@@ -299,3 +303,28 @@ def test_flux_noise_dropout_and_cosine_schedule(tmp_path):
     from workflows.bench.photoz import load_torch
 
     assert load_torch(tmp_path / "m") is not None
+
+
+def test_per_magnitude_scatter_is_recovered_bin_by_bin_with_non_detections_in_the_faintest():
+    from workflows.bench.photoz import by_magnitude, magnitude_column
+
+    rng = np.random.default_rng(103)
+    n = 20000
+    mag = rng.uniform(20.0, 27.0, n)
+    mag[:500] = np.nan  # non-detections
+    zt = rng.uniform(0.1, 2.0, n)
+    sigma = np.where(np.isnan(mag), 0.2, 0.01 * 2 ** (np.nan_to_num(mag, nan=27.0) - 20.0))  # doubles per magnitude
+    sigma = np.where(mag < 22.0, 0.01, sigma)
+    zp = zt + (1 + zt) * rng.normal(0, 1, n) * sigma
+    rows = by_magnitude({"m": (zp, zt)}, mag, edges=(22.0, 23.0))
+    assert [r["bin"] for r in rows] == [[-np.inf, 22.0], [22.0, 23.0], [23.0, np.inf]]
+    assert rows[2]["n"] == int(np.sum(np.isnan(mag) | (mag >= 23.0)))
+    assert abs(rows[0]["m"]["sigma_nmad"] / 0.01 - 1) < 0.1            # the bright bin's own scatter
+    assert 0.04 < rows[1]["m"]["sigma_nmad"] < 0.08                    # 0.04-0.08 across 22-23
+    assert by_magnitude({"m": (zp, zt)}, mag, edges=(20.0001,))[0]["m"] is None  # < 10 objects: no figure
+
+    class Phot:  # the Kron flux is preferred when a band has several kinds of flux
+        bands = ["i@psf", "i@kron", "r@kron"]
+        flux = np.array([[100.0, 10 ** (-0.4 * (24.0 - 31.4)), 1.0], [1.0, -5.0, 1.0]])
+    m, col = magnitude_column(Phot())
+    assert col == "i@kron" and abs(m[0] - 24.0) < 1e-9 and np.isnan(m[1])

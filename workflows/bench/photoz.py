@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -360,6 +360,62 @@ def goal_lines(results: dict[str, dict[str, Any]], ours: str, tp: dict[str, floa
     return out
 
 
+MAG_EDGES = (22.0, 23.0, 24.0, 25.0, 26.0)  # i-band (Kron where measured) magnitude bins of the per-magnitude table
+
+
+def magnitude_column(phot: Any, band: str = "i") -> tuple[np.ndarray, str]:
+    """AB magnitude of each object in ``band`` (its Kron flux when the catalogue has several kinds),
+    NaN for a non-detection, and the column's name; photometry is in nJy."""
+    from pipeline.tile import NJY_ZEROPOINT
+
+    names = list(phot.bands)
+    for want in (f"{band}@kron", band, *(n for n in names if n.split("@")[0] == band)):
+        if want in names:
+            f = np.asarray(phot.flux[:, names.index(want)], float)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(f > 0, NJY_ZEROPOINT - 2.5 * np.log10(f), np.nan), want
+    raise ValueError(f"no {band!r} band among {names}")
+
+
+def by_magnitude(results_pz: Mapping[str, tuple[np.ndarray, np.ndarray]], mag: np.ndarray,
+                 edges: Sequence[float] = MAG_EDGES) -> list[dict[str, Any]]:
+    """sigma_NMAD and outlier fraction of every model's point estimate in magnitude bins
+    (``results_pz``: name -> (z_phot, z_true)); the last bin also holds non-detections."""
+    lo = [-np.inf, *edges]
+    hi = [*edges, np.inf]
+    rows = []
+    for a_, b_ in zip(lo, hi):
+        m = (mag >= a_) & (mag < b_)
+        if b_ == np.inf:
+            m |= ~np.isfinite(mag)
+        row: dict[str, Any] = {"bin": [a_, b_], "n": int(m.sum())}
+        for name, (zp, zt) in results_pz.items():
+            row[name] = point_metrics(zp[m], zt[m]) if m.sum() >= 10 else None
+        rows.append(row)
+    return rows
+
+
+def _nmad_outliers(m: Mapping[str, float] | None) -> str:
+    return f"{m['sigma_nmad']:.4f}/{m['outlier_frac_015']:.3f}" if m else "-"
+
+
+def magnitude_lines(rows: list[dict[str, Any]], names: list[str], ours: str, label: str) -> list[str]:
+    trees = [n for n in names if n != ours and ("forest" in n or "trees" in n)]
+    w = max(14, *(len(n) + 1 for n in names))
+    out = [f"by magnitude ({label}): sigma_NMAD / outlier fraction of each model's table point estimate, "
+           f"and sigma_NMAD ours / best tree in the bin (information; the goal is on the whole set)",
+           f"{'bin':16s}{'n':>7s}" + "".join(f"{n:>{w}s}" for n in names) + f"{'ratio':>8s}"]
+    for r in rows:
+        a_, b_ = r["bin"]
+        name = f"< {b_:g}" if a_ == -np.inf else (f">= {a_:g} or none" if b_ == np.inf else f"{a_:g}-{b_:g}")
+        cells = "".join(f"{_nmad_outliers(r[n]):>{w}s}" for n in names)
+        ratio = "-"
+        if r[ours] and trees and all(r[t] for t in trees):
+            ratio = f"{r[ours]['sigma_nmad'] / min(r[t]['sigma_nmad'] for t in trees):.3f}"
+        out.append(f"{name:16s}{r['n']:7d}" + cells + f"{ratio:>8s}")
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="surveypipe bench photoz", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for the report (photoz_bench.json, .md)")
@@ -478,7 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     r = predict(model_dir, pte.flux, pte.err, card=card)
     ours = f"ours ({card.name} v{card.version})"
-    results[ours] = {**evaluate_model(r["pdf"], z_grid, dz, pte.z), "train_seconds": ours_train_s}
+    from stages.photoz import summarise
+
+    summ = summarise(r["pdf"], z_grid, dz)
+    results[ours] = {**evaluate_model(r["pdf"], z_grid, dz, pte.z, summ=summ), "train_seconds": ours_train_s}
+    points = {ours: summ["photoz_median"]}  # each model's table point estimate, for the per-magnitude table
     log(f"ours: scored {len(pte)} objects in {time.perf_counter() - t0:.1f} s")
     # baselines on the same training rows and features
     Xtr = pzd.features(ptr.flux, ptr.err, norm)
@@ -494,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in picked:
         b.fit(Xtr, ptr.z)
         pdf = _smoothed_pdf(b.samples(Xte), z_grid, dz)
-        results[b.name] = {**evaluate_model(pdf, z_grid, dz, pte.z, point=b.predict(Xte)), "train_seconds": b.seconds}
+        points[b.name] = b.predict(Xte)
+        results[b.name] = {**evaluate_model(pdf, z_grid, dz, pte.z, point=points[b.name]), "train_seconds": b.seconds}
         log(f"{b.name}: trained in {b.seconds:.1f} s")
     tp = throughputs(model_dir, len(norm["features"]), n=a.throughput_n)
     n_e2e = min(len(pte), a.throughput_n)
@@ -504,12 +565,23 @@ def main(argv: list[str] | None = None) -> int:
     tp_lines.append("  (onnx_pdf/torch_pdf: p(z) on the grid in the graph; *_mixture: mixture parameters only; "
                     "end_to_end: features + ONNX + summaries, as the stage runs)")
     goals = goal_lines(results, ours, tp)
-    report = "\n".join([text, *point_estimate_lines(results), *tp_lines, "goals:", *("  " + g for g in goals)])
+    try:
+        mag, mag_col = magnitude_column(pte)
+        mag_rows = by_magnitude({n: (zp, pte.z) for n, zp in points.items()}, mag)
+        mag_text = magnitude_lines(mag_rows, list(points), ours, f"AB magnitude of {mag_col}")
+    except ValueError as exc:  # a catalogue without an i band
+        mag_rows, mag_text = [], [f"by magnitude: not computed ({exc})"]
+    report = "\n".join([text, *point_estimate_lines(results), *mag_text, *tp_lines, "goals:", *("  " + g for g in goals)])
     print(report)
     (out / "photoz_bench.json").write_text(json.dumps({"title": title, "results": results, "throughput": tp,
-                                                       "goals": goals, "model_sha256": card.sha256}, indent=1))
+                                                       "goals": goals, "by_magnitude": mag_rows,
+                                                       "model_sha256": card.sha256}, indent=1, default=_finite))
     (out / "photoz_bench.md").write_text("```\n" + report + "\n```\n")
     return 0
+
+
+def _finite(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else str(v)
 
 
 def _flag(cmd: str, name: str, default: str) -> str:
