@@ -80,7 +80,9 @@ models: install-dev
 	    --mine-seed 1310 $$T && \
 	  $(SP) train lenses --out $$L/ts2_hn3 --init $$L/ts2_hn2 --hard-negatives 5000 --mine-pool 200000 --mine-random 20000 \
 	    --mine-seed 1320 $$T && \
-	  cp $$L/ts2_hn3/model.onnx $$L/ts2_hn3/model.pt $$L/ts2_hn3/card.json $$L/ts2_hn3/README.md stages/models/lenses/
+	  $(SP) train lenses --out $$L/ts2_hn4 --init $$L/ts2_hn3 --hard-negatives 5000 --mine-pool 200000 --mine-random 20000 \
+	    --mine-seed 1340 $$T && \
+	  cp $$L/ts2_hn4/model.onnx $$L/ts2_hn4/model.pt $$L/ts2_hn4/card.json $$L/ts2_hn4/README.md stages/models/lenses/
 
 clean:
 	rm -rf out data/demo .pytest_cache

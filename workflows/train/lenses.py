@@ -1,7 +1,7 @@
 """Train the lens-finding model: a small CNN on gri stamps of plausible deflectors, exported to ONNX.
 
 ``surveypipe train lenses --out out/train/lenses/e36 --epochs 36 --threads 1`` (36 epochs of one
-one-cycle schedule from scratch, peak lr 3e-3, the default), then three rounds of hard-negative mining
+one-cycle schedule from scratch, peak lr 3e-3, the default), then four rounds of hard-negative mining
 that each continue from the previous run's weights (``--init``; see below and the ``models`` target
 of the Makefile for the exact commands), copying the last run's result to ``stages/models/lenses``:
 
