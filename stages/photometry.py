@@ -120,10 +120,10 @@ class Stamps:
     ox: np.ndarray        # (n,) x of the stamp's first column (may be < 0 at the edge)
     oy: np.ndarray
     interior: np.ndarray  # (n,) stamp entirely on the image
-    idx: np.ndarray       # (n, S, S) flat index into the image, clipped
     inside: np.ndarray    # (n_edge, S, S) pixel of an edge stamp lies on the image
     dx: np.ndarray        # (n, S) x offset of each column from the object centre
     dy: np.ndarray        # (n, S) y offset of each row
+    shape: tuple[int, int]  # of the image the stamps are cut from
 
     @property
     def size(self) -> int:
@@ -136,13 +136,24 @@ class Stamps:
         cx, cy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
         ix, iy = cx[:, None] + g[None, :], cy[:, None] + g[None, :]
         okx, oky = (ix >= 0) & (ix < w), (iy >= 0) & (iy < h)
-        it = np.int32 if h * w < 2**31 else np.int64  # half the memory of every stamp set's index
-        idx = np.clip(iy, 0, h - 1).astype(it)[:, :, None] * it(w) + np.clip(ix, 0, w - 1).astype(it)[:, None, :]
         interior = okx.all(axis=1) & oky.all(axis=1)
         e = ~interior
         inside = oky[e][:, :, None] & okx[e][:, None, :]
-        return cls(rows, half, cx - half, cy - half, interior, idx, inside,
-                   (ix - x[:, None]).astype(np.float32), (iy - y[:, None]).astype(np.float32))
+        return cls(rows, half, cx - half, cy - half, interior, inside,
+                   (ix - x[:, None]).astype(np.float32), (iy - y[:, None]).astype(np.float32), (h, w))
+
+    def index(self, k: np.ndarray | None = None) -> np.ndarray:
+        """(len(k), S, S) flat indices into the image of stamps ``k`` (all: None), clipped onto it.
+
+        Made when needed, not kept: only edge stamps and the scatter of models use them, and a
+        kept index of every stamp cost ~50 MB per 2048^2 tile while photometry was at its peak."""
+        h, w = self.shape
+        oy, ox = (self.oy, self.ox) if k is None else (self.oy[k], self.ox[k])
+        g = np.arange(self.size)
+        it = np.int32 if h * w < 2**31 else np.int64
+        iy = np.clip(oy[:, None] + g[None, :], 0, h - 1).astype(it)
+        ix = np.clip(ox[:, None] + g[None, :], 0, w - 1).astype(it)
+        return iy[:, :, None] * it(w) + ix[:, None, :]
 
     def gather(self, img: np.ndarray) -> np.ndarray:
         """(n, S, S) cut-outs of ``img``; zero off the image."""
@@ -159,7 +170,7 @@ class Stamps:
         else:
             out = np.empty((self.rows.size, S, S), img.dtype)
         if edge.size:
-            out[edge] = np.where(self.inside, img.ravel()[self.idx[edge]], np.zeros((), img.dtype))
+            out[edge] = np.where(self.inside, img.ravel()[self.index(edge)], np.zeros((), img.dtype))
         return out
 
     def scatter_add(self, flat: np.ndarray, vals: np.ndarray) -> None:
@@ -168,7 +179,7 @@ class Stamps:
         if e.any():
             vals = vals.copy()
             vals[e] *= self.inside
-        np.add.at(flat, self.idx.ravel(), vals.ravel())
+        np.add.at(flat, self.index().ravel(), vals.ravel())
 
     def radius(self) -> np.ndarray:
         return np.sqrt(self.dy[:, :, None] ** 2 + self.dx[:, None, :] ** 2)
@@ -177,8 +188,8 @@ class Stamps:
         """The stamps of positions ``k`` (indices into this set)."""
         e = np.cumsum(~self.interior) - 1  # row of each edge stamp in ``inside``
         ek = k[~self.interior[k]]
-        return Stamps(self.rows[k], self.half, self.ox[k], self.oy[k], self.interior[k], self.idx[k],
-                      self.inside[e[ek]], self.dx[k], self.dy[k])
+        return Stamps(self.rows[k], self.half, self.ox[k], self.oy[k], self.interior[k],
+                      self.inside[e[ek]], self.dx[k], self.dy[k], self.shape)
 
 
 def stamps_touching(st: Stamps, yx: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -568,8 +579,8 @@ class Photometry(Stage):
                     nn = ms.rows.size
                     own_ap[ms.rows] = np.matmul(mw[k], g.reshape(nn, -1, 1))[:, :, 0]
                     lo, hi = max(ms.half - ch, 0), ms.half + min(ch, ms.half) + 1
-                    sub = Stamps(ms.rows, min(ch, ms.half), ms.ox, ms.oy, ms.interior, ms.idx, ms.inside,
-                                 ms.dx[:, lo:hi], ms.dy[:, lo:hi])
+                    sub = Stamps(ms.rows, min(ch, ms.half), ms.ox, ms.oy, ms.interior, ms.inside,
+                                 ms.dx[:, lo:hi], ms.dy[:, lo:hi], ms.shape)
                     ey, ex = psf_factors(psf, sub)
                     own_psf[ms.rows] = separable_dot(ey, mwts[k] * g[:, lo:hi, lo:hi], ex)
                     models[k] = mwts[k] = None  # done with this set: the memory goes to the next one
@@ -605,7 +616,7 @@ class Photometry(Stage):
                 wcc = np.ascontiguousarray(wk[:, lo:hi, lo:hi])
                 fl[st.rows, :napt] = np.matmul(wc[k], Xc)[:, :, 0]
                 var[st.rows, :napt] = np.matmul(wc[k] * wc[k], ivc)[:, :, 0]
-                sub = Stamps(st.rows, ch, st.ox, st.oy, st.interior, st.idx, st.inside, st.dx[:, lo:hi], st.dy[:, lo:hi])
+                sub = Stamps(st.rows, ch, st.ox, st.oy, st.interior, st.inside, st.dx[:, lo:hi], st.dy[:, lo:hi], st.shape)
                 ey, ex = psf_factors(psf, sub)
                 K = ey.shape[1]
                 ey2 = (ey[:, :, None, :] * ey[:, None, :, :]).reshape(nn, K * K, -1)
