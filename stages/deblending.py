@@ -73,6 +73,9 @@ from .psf import FWHM_PER_SIGMA, header_fwhm_pix
 from .flags import OBJECT_FLAGS
 
 
+CANDIDATES_PER_CHILD = 4  # peaks of one footprint tested against each other, per allowed child (max_children)
+
+
 class DeblendingConfig(StageConfig):
     peaks: bool = Field(True, description="run the peak pass (False = sep's multi-threshold deblending only, as SExtractor)")
     peak_smooth_pix: float = Field(0.5, ge=0, le=10, description="sigma (pixels) of the Gaussian smoothing of the peak image")
@@ -409,6 +412,19 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
     fid = foot[py, px].astype(np.int64)
     order = np.lexsort((-val, fid))
     px, py, val, fid = px[order], py[order], val[order], fid[order]
+    # the peak tests compare every pair of peaks of a footprint: a footprint holding thousands of peaks (a
+    # background left under-subtracted joins most of a tile into one) would need O(k^2) memory -- 1.8 GiB at
+    # 22 000 peaks. Only the brightest CANDIDATES_PER_CHILD x max_children peaks of a footprint are tested;
+    # the footprint is flagged deblend_overflow, as when it has more children than max_children.
+    cap = CANDIDATES_PER_CHILD * config.max_children
+    if px.size:
+        starts = np.r_[0, np.flatnonzero(np.diff(fid)) + 1]
+        rank = np.arange(fid.size) - np.repeat(starts, np.diff(np.r_[starts, fid.size]))
+        crowded = rank >= cap
+        crowded_fids = np.unique(fid[crowded])
+        px, py, val, fid = px[~crowded], py[~crowded], val[~crowded], fid[~crowded]
+    else:
+        crowded_fids = np.zeros(0, np.int64)
     alive = np.ones(px.size, bool)
     peak_vals = None
     for _ in range(config.rounds):
@@ -471,6 +487,7 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
         if over.any():
             overflow_fids = np.unique(f[over])
             alive[idx[over]] = False
+    overflow_fids = np.union1d(overflow_fids, crowded_fids)
     keep = np.flatnonzero(alive)
     px, py, val, fid = px[keep], py[keep], val[keep], fid[keep]
     # every sep (SExtractor) child without a surviving peak in its pixels keeps its own peak

@@ -165,3 +165,32 @@ def test_mirror_residual_peaks_finds_the_asymmetric_light_only():
     exclude = np.zeros((64, 64), bool)
     exclude[30:35, 35:40] = True  # e.g. saturated pixels: no residual taken there
     assert mirror_residual_peaks(gal + bump, foot, *q, 10, 5.0, 2.0, 0.3, exclude)[0].size == 0
+
+
+def test_peak_tests_of_a_crowded_footprint_are_bounded_and_flagged(monkeypatch):
+    """A footprint with many more peaks than max_children allows (here a dense, touching grid of stars)
+    compares only the brightest CANDIDATES_PER_CHILD x max_children of them pairwise, and is flagged."""
+    import stages.deblending as D
+    from test_stage_detection import grid_sources
+
+    sizes = []
+    orig = D._group_pairs
+
+    def spy(group):
+        sizes.append(int(np.bincount(group).max()) if group.size else 0)
+        return orig(group)
+
+    monkeypatch.setattr(D, "_group_pairs", spy)
+    src = grid_sources(12, 96, 20000.0, margin=16, seed=103)  # 144 stars 5.8 px apart: one footprint
+    tile = synthetic_tile(src, size=128)
+    p = run_stages(tile, upto="deblending", configs={"deblending": {"max_children": 3}})
+    deb = p["deblended"]
+    nchild = np.asarray(deb["deblend_nChild"])
+    assert nchild.max() <= 3
+    assert max(sizes) <= D.CANDIDATES_PER_CHILD * 3
+    big = np.asarray(deb["footprintId"]) == np.asarray(deb["footprintId"])[np.argmax(nchild)]
+    assert np.all(np.asarray(deb["detect_flags"])[big] & OBJECT_FLAGS["deblend_overflow"])
+    # control: with room for 100 children the same footprint has more peaks than the cap above let through
+    sizes.clear()
+    run_stages(tile, upto="deblending", configs={"deblending": {"max_children": 100}})
+    assert max(sizes) > D.CANDIDATES_PER_CHILD * 3

@@ -176,3 +176,25 @@ def test_sep_overflow_becomes_a_flag_not_a_failure():
     assert len(small) == len(ref)
     assert np.all(np.asarray(small["detect_flags"]) & OBJECT_FLAGS["pixstack_overflow"])
     assert not np.any(np.asarray(ref["detect_flags"]) & OBJECT_FLAGS["pixstack_overflow"])
+
+
+def test_detection_image_mostly_above_threshold_is_refused_naming_tile_and_reason():
+    from stages.detection import DetectionConfig, check_above_fraction
+
+    rng = np.random.default_rng(102)
+    snr = rng.normal(0.0, 1.0, (256, 256)).astype(np.float32)
+    nodata = np.zeros(snr.shape, bool)
+    check_above_fraction("t0042", snr, nodata, DetectionConfig())  # sky of unit noise: nothing above 4 sigma
+    # a background left under-subtracted by ~0.5 sigma per pixel shows as S/N ~5.5 after the matched filter
+    with pytest.raises(ValueError, match=r"tile 't0042': (8[0-9]|9[0-9]) % of the detection image.*median matched-filter S/N 5\.[0-9]"):
+        check_above_fraction("t0042", snr + 5.5, nodata, DetectionConfig())
+    # pixels without data do not count
+    nodata[:, 40:] = True
+    check_above_fraction("t0042", np.where(nodata, snr + 5.5, snr), nodata, DetectionConfig())
+
+
+def test_detection_stage_applies_the_above_threshold_limit():
+    tile = synthetic_tile(grid_sources(4, 128, 30000.0), tile_id="t0007")
+    run_stages(tile, upto="detection")  # the default limit (half the tile) passes a normal tile
+    with pytest.raises(ValueError, match="tile 't0007'.*above the 4-sigma threshold"):
+        run_stages(tile, upto="detection", configs={"detection": {"max_above_fraction": 0.01}})
