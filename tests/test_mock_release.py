@@ -224,3 +224,19 @@ def test_depth_argument_sets_noise(tmp_path):
     assert hd["M5"] == 26.0 and hs["M5"] == 25.0
     assert hs["SKYSIG"] / hd["SKYSIG"] == pytest.approx(10 ** 0.4, rel=1e-4)   # 1 mag shallower
     assert hd["MAGZERO"] == 27.0 and hd["PSF_FWHM"] == pytest.approx(0.82)
+
+
+def test_simulation_yaml_records_the_artefact_injection(tmp_path):
+    import yaml
+
+    from workflows.mock.artefacts import DEFAULT_RATES, inject_artefacts
+
+    clean = write_release(tmp_path / "clean", n_tiles=1, size=96, bands="gr", overlap=16, seed=134, progress=False)
+    dirty = write_release(tmp_path / "dirty", n_tiles=1, size=96, bands="gr", overlap=16, seed=134, progress=False,
+                          artefact_injector=inject_artefacts)
+    a = yaml.safe_load((clean.parent / "simulation.yaml").read_text())
+    b = yaml.safe_load((dirty.parent / "simulation.yaml").read_text())
+    assert a["artefacts"] is None
+    assert b["artefacts"]["injector"] == "workflows.mock.artefacts.inject_artefacts"
+    assert b["artefacts"]["rates"]["cosmic_rays_per_mpix"] == list(DEFAULT_RATES.cosmic_rays_per_mpix)
+    assert {k: v for k, v in a.items() if k != "artefacts"} == {k: v for k, v in b.items() if k != "artefacts"}

@@ -348,7 +348,8 @@ def write_release(out_dir: str | Path, *, n_tiles: int = 4, size: int = 1024, ba
     _write_table(merged, out / "truth.fits")
     _write_params(out / "simulation.yaml", seed=seed, n_tiles=int(n_tiles), size=int(size), bands=bands,
                   overlap=int(overlap), compress=bool(compress), config=config, fp=fp,
-                  galsim_mag=config.m5["i"] - 2.0 if galsim_mag is None else galsim_mag)
+                  galsim_mag=config.m5["i"] - 2.0 if galsim_mag is None else galsim_mag,
+                  artefacts=describe_injector(artefact_injector))
     manifest = out / "manifest.yaml"
     tmp = manifest.with_name("manifest.yaml.tmp")
     tmp.write_text(_manifest_yaml(bands, entries))
@@ -360,8 +361,32 @@ def write_release(out_dir: str | Path, *, n_tiles: int = 4, size: int = 1024, ba
     return manifest
 
 
+def describe_injector(injector: ArtefactInjector | None) -> dict[str, Any] | None:
+    """What injected the artefacts, for simulation.yaml: the function and its bound settings (rates, classes).
+
+    Without it a release with artefacts and its clean twin (same seed) had identical simulation.yaml files
+    while their images differ in most pixels."""
+    if injector is None:
+        return None
+    import dataclasses
+    import functools
+    import json
+
+    fn, kw = injector, {}
+    if isinstance(injector, functools.partial):
+        fn, kw = injector.func, dict(injector.keywords)
+    doc: dict[str, Any] = {"injector": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"}
+    for k, v in kw.items():
+        doc[k] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+    from . import artefacts as art
+
+    if fn is art.inject_artefacts and "rates" not in kw:
+        doc["rates"] = dataclasses.asdict(art.DEFAULT_RATES)
+    return json.loads(json.dumps(doc, default=str))  # tuples to lists, anything else to text: plain YAML
+
+
 def _write_params(path: Path, *, seed: int, n_tiles: int, size: int, bands: str, overlap: int, compress: bool,
-                  config: SurveyConfig, fp: Footprint, galsim_mag: float) -> None:
+                  config: SurveyConfig, fp: Footprint, galsim_mag: float, artefacts: dict[str, Any] | None = None) -> None:
     import yaml
 
     doc = {
@@ -376,5 +401,6 @@ def _write_params(path: Path, *, seed: int, n_tiles: int, size: int, bands: str,
         "saturation_point_source_mag": config.sat_mag,
         "galsim_mag_i": round(float(galsim_mag), 4),
         "mask_bits": dict(MASK_BITS),
+        "artefacts": artefacts,
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=200))
