@@ -51,3 +51,19 @@ def test_completeness_limit_interpolates(level, expect):
     mags = np.repeat(np.arange(20.125, 25, 0.25), 100)
     found = np.concatenate([np.arange(100) < int(100 * c) for c in np.clip(1 - (np.arange(20.125, 25, 0.25) - 21.5) / 4, 0, 1)])
     assert abs(science.completeness_limit(mags, found, level) - expect) < 0.2
+
+
+def test_bench_science_with_artefacts_runs_the_artefact_stage_first(tmp_path, capsys):
+    args = ["--tiles", "1", "--size", "256", "--bands", "gri", "--seed", "151", "--seed-purpose", "test",
+            "--out", str(tmp_path / "bench"), "--artefacts"]
+    if sextractor.executable() is None:
+        args.append("--no-sextractor")
+    assert science.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Artefacts injected; our artefact stage ran first" in out
+    res = json.loads((tmp_path / "bench" / "science.json").read_text())
+    assert res["meta"]["artefacts"] is True
+    assert "artefacts" in res["meta"]["per_tile"][0]["timing"]
+    assert set(res["throughput"]["cpu"]["per_stage"]) == {"background", "detection", "deblending", "photometry"}
+    sim = (tmp_path / "bench" / "release" / "simulation.yaml").read_text()
+    assert "inject_artefacts" in sim

@@ -85,11 +85,14 @@ def match_brightest_first(tx: np.ndarray, ty: np.ndarray, tmag: np.ndarray, dx: 
 
 
 def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
-                 settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                 settings: dict[str, dict[str, Any]] | None = None, artefacts: bool = False) -> dict[str, Any]:
     """Our stages and SExtractor on one tile; returns the columns the metrics need and the timings.
 
     ``settings``: per-stage config overrides ({stage: {field: value}}), also given to SExtractor
-    where it has the same setting (thresholds, deblending, apertures, Kron factor)."""
+    where it has the same setting (thresholds, deblending, apertures, Kron factor). ``artefacts``:
+    the artefact stage runs first and its mask goes to every classical stage that takes it, as in
+    the pipeline; SExtractor gets the same mask as zero weight (SExtractor + a MaxiMask-like mask).
+    Its time is reported apart, not in the classical throughput."""
     from pipeline.manifest import load_manifest
     from pipeline.tile import load_tile
     from stages import Background, Deblending, Detection, Photometry
@@ -104,6 +107,13 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
     if run_sex:  # SExtractor measures the raw planes after our stages: the background must not reuse them
         given.setdefault(Background.name, {}).setdefault("reuse_exposure", False)
     cfgs = {cls: cls.Config(**given.get(cls.name, {})) for cls in (Background, Detection, Deblending, Photometry)}
+    if artefacts:
+        from stages import Artefacts
+
+        st = Artefacts()
+        w0, c0 = time.perf_counter(), time.process_time()
+        products.update(st.run({"exposure": tile}, Artefacts.Config(device="cpu", **given.get(st.name, {}))))
+        timing[st.name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     for cls, cfg in cfgs.items():
         st = cls()
         ins = {r: products[r] for r in (*st.requires, *st.optional) if r in products}
@@ -132,10 +142,13 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
                                        apertures_pix=tuple(phot_cfg.apertures_pix), kron_factor=phot_cfg.kron_factor,
                                        min_kron_radius=phot_cfg.min_kron_radius, back_size=cfgs[Background].mesh,
                                        back_filtersize=cfgs[Background].filter_size)
+        weights = {b: tile.weight[b] for b in tile.bands}
+        if "masks/artefacts" in products:  # the same artefact mask for SExtractor: masked pixels get no weight
+            planes = products["masks/artefacts"].planes
+            weights = {b: np.where(planes[b] != 0, np.float32(0), w) if b in planes else w for b, w in weights.items()}
         with tempfile.TemporaryDirectory(dir=work, prefix=f"sex-{tile_id}-") as tmp:
             r = sextractor.run_dual(snr, (~nodata).astype(np.float32),
-                                    {b: tile.image[b] for b in tile.bands}, {b: tile.weight[b] for b in tile.bands},
-                                    settings, tmp)
+                                    {b: tile.image[b] for b in tile.bands}, weights, settings, tmp)
         out["sex"] = {"x": r.x, "y": r.y, "flags": r.flags, "flux": r.flux, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "runs": r.runs}
     return out
 
@@ -420,6 +433,9 @@ def report(metrics: dict[str, Any], thr: dict[str, Any], meta: dict[str, Any]) -
     L.append(f"surveypipe bench science: {meta['tiles']} tile(s) of {meta['size']}x{meta['size']} px, bands {meta['bands']}, "
              f"seed {meta['seed']}, reference band {meta['ref']}, match radius 1.0 arcsec one-to-one")
     L.append(f"SExtractor: {meta['sextractor']} (dual-image mode, same detection image, matched settings)")
+    if meta.get("artefacts"):
+        L.append("Artefacts injected; our artefact stage ran first and its mask went to our classical stages and, "
+                 "as zero weight, to SExtractor")
     L.append("")
     c = metrics["completeness"]
     L.append(f"Completeness vs true {meta['ref']} magnitude (fraction of true objects in the inner regions detected)")
@@ -548,7 +564,7 @@ def _goal_text(name: str, v: dict[str, Any]) -> str:
     return text
 
 
-def _run_tile(args: tuple[str, str, str, bool, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def _run_tile(args: tuple[str, str, str, bool, dict[str, dict[str, Any]], bool]) -> dict[str, Any]:
     return process_tile(*args)
 
 
@@ -564,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels (default 64)")
     p.add_argument("--data", default=None, help="use this already simulated release (manifest.yaml) instead of simulating")
     p.add_argument("--no-sextractor", action="store_true", help="skip SExtractor (no comparison numbers)")
+    p.add_argument("--artefacts", action="store_true", help=(
+        "inject instrumental artefacts into the simulated tiles (as make run's demo release) and run the "
+        "artefact stage before the classical stages; SExtractor gets the same mask as zero weight"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override a classical stage's setting (repeatable), as surveypipe run --set")
     p.add_argument("--seed-purpose", default="benchmark", choices=["benchmark", "test", "validation"], help=(
@@ -592,7 +611,11 @@ def main(argv: list[str] | None = None) -> int:
         from workflows.mock import write_release
 
         t0 = time.perf_counter()
-        manifest = write_release(out / "release", n_tiles=a.tiles, size=a.size, bands=a.bands, seed=a.seed, overlap=a.overlap)
+        inject = None
+        if a.artefacts:
+            from workflows.mock.artefacts import inject_artefacts as inject
+        manifest = write_release(out / "release", n_tiles=a.tiles, size=a.size, bands=a.bands, seed=a.seed, overlap=a.overlap,
+                                 artefact_injector=inject)
         print(f"simulated {a.tiles} tile(s) in {time.perf_counter() - t0:.1f} s", flush=True)
     from pipeline.manifest import load_manifest
 
@@ -606,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    jobs = [(str(manifest), tid, str(out), run_sex, settings) for tid in tiles]
+    jobs = [(str(manifest), tid, str(out), run_sex, settings, a.artefacts) for tid in tiles]
     t0 = time.perf_counter()
     if a.workers > 1:
         with ProcessPoolExecutor(max_workers=a.workers) as ex:
@@ -630,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate(results, truth_dir, ref, scale)
     thr = throughput(results)
     meta = {"tiles": len(tiles), "size": a.size if not a.data else results[0]["shape"][0], "bands": "".join(results[0]["bands"]),
-            "seed": a.seed, "ref": ref, "settings": settings, "sextractor": sextractor.version() if run_sex else "not run",
+            "seed": a.seed, "ref": ref, "settings": settings, "artefacts": bool(a.artefacts), "sextractor": sextractor.version() if run_sex else "not run",
             "pixel_scale_arcsec": scale, "processing_wall_s": time.perf_counter() - t0, "workers": a.workers,
             "per_tile": [{"tile": r["tile"], "rows": r["n_rows"], **r["deblend"], "timing": r["timing"],
                           **({"sextractor_cpu_s": r["sex"]["cpu_s"], "sextractor_wall_s": r["sex"]["wall_s"],
