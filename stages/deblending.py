@@ -124,15 +124,22 @@ class DeblendingConfig(StageConfig):
     rounds: int = Field(3, ge=1, le=10, description="rounds of peak rejection (each compares with the surviving peaks)")
 
 
+def _rank_in_group(group: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal values; ``group`` must be sorted."""
+    n = group.size
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+
+
 def _group_pairs(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All (i, j) with i after j in the same group; ``group`` must be sorted. Vectorised."""
     n = group.size
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
-    sizes = np.diff(np.r_[starts, n])
-    start_of = np.repeat(starts, sizes)
-    rank = np.arange(n) - start_of
+    rank = _rank_in_group(group)
+    start_of = np.arange(n) - rank
     total = int(rank.sum())
     i = np.repeat(np.arange(n), rank)
     offs = np.arange(total) - np.repeat(np.cumsum(rank) - rank, rank)
@@ -416,15 +423,9 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
     # background left under-subtracted joins most of a tile into one) would need O(k^2) memory -- 1.8 GiB at
     # 22 000 peaks. Only the brightest CANDIDATES_PER_CHILD x max_children peaks of a footprint are tested;
     # the footprint is flagged deblend_overflow, as when it has more children than max_children.
-    cap = CANDIDATES_PER_CHILD * config.max_children
-    if px.size:
-        starts = np.r_[0, np.flatnonzero(np.diff(fid)) + 1]
-        rank = np.arange(fid.size) - np.repeat(starts, np.diff(np.r_[starts, fid.size]))
-        crowded = rank >= cap
-        crowded_fids = np.unique(fid[crowded])
-        px, py, val, fid = px[~crowded], py[~crowded], val[~crowded], fid[~crowded]
-    else:
-        crowded_fids = np.zeros(0, np.int64)
+    crowded = _rank_in_group(fid) >= CANDIDATES_PER_CHILD * config.max_children
+    crowded_fids = np.unique(fid[crowded])
+    px, py, val, fid = px[~crowded], py[~crowded], val[~crowded], fid[~crowded]
     alive = np.ones(px.size, bool)
     peak_vals = None
     for _ in range(config.rounds):
@@ -479,15 +480,9 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
     # cap the number of children per footprint (peaks are sorted by S/N within a footprint)
     idx = np.flatnonzero(alive)
     f = fid[idx]
-    overflow_fids = np.zeros(0, np.int64)
-    if f.size:
-        starts = np.r_[0, np.flatnonzero(np.diff(f)) + 1]
-        rank = np.arange(f.size) - np.repeat(starts, np.diff(np.r_[starts, f.size]))
-        over = rank >= config.max_children
-        if over.any():
-            overflow_fids = np.unique(f[over])
-            alive[idx[over]] = False
-    overflow_fids = np.union1d(overflow_fids, crowded_fids)
+    over = _rank_in_group(f) >= config.max_children
+    alive[idx[over]] = False
+    overflow_fids = np.union1d(np.unique(f[over]), crowded_fids)
     keep = np.flatnonzero(alive)
     px, py, val, fid = px[keep], py[keep], val[keep], fid[keep]
     # every sep (SExtractor) child without a surviving peak in its pixels keeps its own peak

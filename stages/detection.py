@@ -51,7 +51,7 @@ class DetectionConfig(StageConfig):
     overflow_retries: int = Field(3, ge=0, le=10, description="retries with 4x larger sep limits after an overflow")
     max_above_fraction: float = Field(0.5, gt=0, le=1, description=(
         "refuse the tile when more than this fraction of its detection image lies above the threshold: its "
-        "background or noise model does not fit (mock tiles: 0.16-0.17; unmasked artefacts: 0.41-0.79), and sep "
+        "background or noise model does not fit (mock tiles: 0.16-0.17; artefacts left unmasked: 0.22-0.79), and sep "
         "would spend minutes and gigabytes deblending the one footprint that then covers the tile; a guard, "
         "not a measurement: tiles it passes come out the same, so it stays out of cache keys"),
         json_schema_extra={"output_neutral": True})
