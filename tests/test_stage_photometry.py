@@ -146,3 +146,57 @@ def test_noise_the_weight_map_misses_is_added_from_empty_apertures():
         fr[n_empty] = np.mean(np.abs(z) < 1)
     assert fr[0] < 0.58, fr  # the weight map alone: errors too small
     assert 0.6 < fr[Photometry.Config().empty_apertures] < 0.76, fr
+
+
+def de_vaucouleurs_planes(size: int, flux: float, hlr_arcsec: float, x: float, y: float) -> dict[str, np.ndarray]:
+    """A PSF-convolved de Vaucouleurs galaxy (q = 0.7) per band, drawn by GalSim on the tests' pixel grid."""
+    import galsim
+
+    from test_stage_detection import FWHM
+
+    gal = galsim.DeVaucouleurs(half_light_radius=hlr_arcsec, flux=flux).shear(q=0.7, beta=30 * galsim.degrees)
+    return {b: galsim.Convolve(gal, galsim.Moffat(beta=3.0, fwhm=FWHM[b])).drawImage(
+                nx=size, ny=size, scale=0.2, offset=(x - (size - 1) / 2, y - (size - 1) / 2)).array
+            for b in "gri"}
+
+
+def test_bright_galaxy_and_the_stars_on_its_wings_keep_their_own_light():
+    """A bright de Vaucouleurs galaxy with three stars (other colours) on its wings: the stars' models must not
+    take the galaxy's wing light (fitted wings on its model), nor its Kron ellipse shrink to the core of its
+    light (a deblended child takes the larger of its footprint-share and windowed shapes). Before both: the
+    galaxy's Kron flux 65 % of its total, the stars' PSF fluxes 1.35-1.8x theirs."""
+    size, flux, gx, gy = 256, 3e5, 128.3, 126.2
+    stars = [{"x": 143.6, "y": 134.1, "flux": {"g": 2000.0, "r": 5000.0, "i": 9000.0}},
+             {"x": 112.2, "y": 115.4, "flux": {"g": 8000.0, "r": 5000.0, "i": 3000.0}},
+             {"x": 131.0, "y": 147.5, "flux": {"g": 1500.0, "r": 4000.0, "i": 6000.0}}]
+    tile = synthetic_tile(stars, size=size, noise=5.0, seed=118, extra=de_vaucouleurs_planes(size, flux, 1.6, gx, gy))
+    sx, sy = np.array([s["x"] for s in stars]), np.array([s["y"] for s in stars])
+    star_r = np.array([s["flux"]["r"] for s in stars])
+    ratios = {}
+    for wings in (True, False):
+        o = run_stages(tile, configs={"photometry": {"profile_wings": wings}})["objects"]
+        d, k = nearest(o["x"], o["y"], np.r_[gx, sx], np.r_[gy, sy])
+        assert np.all(d < 1.0) and len(set(k.tolist())) == 4, ("the galaxy and the three stars are four objects", d)
+        assert o["parentObjectId"][k[0]] != 0, "the galaxy is a deblended child"
+        ratios[wings] = (np.array([o[f"{b}_kronFlux"][k[0]] / flux for b in "gri"]), o["r_psfFlux"][k[1:]] / star_r)
+    kron, star = ratios[True]
+    assert np.all(kron > 0.8), kron         # a 2.5 Kron-radius aperture holds ~90 % of a de Vaucouleurs profile
+    assert np.all(np.abs(star - 1) < 0.1), star
+    assert np.all(ratios[False][1] > 1.25), ratios[False][1]  # the control: single-Gaussian models lose the wing light
+
+
+def test_wing_fractions_recovered_from_a_noiseless_profile():
+    """fit_wing_fractions on an object drawn with known wings (core covariance C, 30 % at 4 C, 20 % at 16 C)."""
+    from stages.photometry import Stamps, WING_VARIANCE_SCALES, fit_wing_fractions, render_models
+    from stages.psf import moffat_mixture
+
+    assert WING_VARIANCE_SCALES == (4.0, 16.0)
+    size, x, y = 160, np.array([80.3]), np.array([79.6])
+    psf = moffat_mixture(3.5, 3.0)
+    cov = np.array([[6.0], [3.0], [1.0], [0.3], [0.2]])
+    st = Stamps.make(np.array([0]), x, y, 63, (size, size))
+    img = np.zeros(size * size, np.float32)
+    st.scatter_add(img, 1000.0 * render_models(psf, st, cov))
+    f = fit_wing_fractions(img.reshape(size, size), np.ones((size, size), np.float32), np.zeros((size, size), np.int32),
+                           np.array([0]), x, y, cov, psf, (size, size))
+    assert np.allclose(f[:, 0], [0.3, 0.2], atol=0.01), f[:, 0]
