@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from stages.flags import OBJECT_FLAGS
+
 NJY_ZP = 31.4
 STAGE_NAMES = ("background", "detection", "deblending", "photometry")
 CALIB_APERTURE = 6.0  # pixels: small enough that undetected faint galaxies rarely fall in it
@@ -129,6 +131,8 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
         for kind in ("kron", "psf", f"ap{int(CALIB_APERTURE):02d}"):
             ours[f"{b}_{kind}Flux"] = np.asarray(obj[f"{b}_{kind}Flux"], np.float64)
             ours[f"{b}_{kind}FluxErr"] = np.asarray(obj[f"{b}_{kind}FluxErr"], np.float64)
+        if f"{b}_flags" in obj:
+            ours[f"{b}_flags"] = np.asarray(obj[f"{b}_flags"])
     ours["apcorr"] = obj.attrs["apcorr"]
     out: dict[str, Any] = {"tile": tile_id, "shape": list(tile.shape), "bands": list(tile.bands),
                            "inner": tile.inner.model_dump() if tile.inner else None, "ours": ours, "timing": timing,
@@ -299,7 +303,8 @@ def photometric_accuracy(results, flux_rows, cat, ref: str, m90: float, have_sex
     bins = [(b, b + 1.0) for b in np.arange(16.0, np.floor(m90) + 1.0, 1.0)]
     ap = f"ap{int(CALIB_APERTURE):02d}"
     rec: dict[str, list] = {k: [] for k in ("tmag", "star", "iso", "sat", "ko", "ao", "ks", "as_", "ok_o", "ok_s")}
-    calib: dict[str, list] = {"ours": [], "sex": []}
+    calib: dict[str, list] = {"ours": [], "sex": [], "ours_masked": []}
+    rejected: dict[str, int] = {}  # isolated star-bands with S/N >= 5 that each of our bad flags removes
     for res, fr in zip(results, flux_rows):
         o = res["ours"]
         tf = fr["truth"][ref]
@@ -333,7 +338,8 @@ def photometric_accuracy(results, flux_rows, cat, ref: str, m90: float, have_sex
                 if who == "ours":
                     f = o[f"{b}_{ap}Flux"][j] * corr[b][ap]
                     e = o[f"{b}_{ap}FluxErr"][j] * corr[b][ap]
-                    bad = (o["flags"][j] & _bad_flags()) != 0
+                    fo = _band_flags(o, b)[j]
+                    bad = (fo & _bad_flags()) != 0
                 else:
                     f = res["sex"]["flux"][b][ap][j] * corr[b][ap]
                     e = res["sex"]["flux"][b][f"{ap}_err"][j] * corr[b][ap]
@@ -342,6 +348,14 @@ def photometric_accuracy(results, flux_rows, cat, ref: str, m90: float, have_sex
                 snr_true = ft / np.where(e > 0, e, np.inf)
                 use = ~bad & (e > 0) & (snr_true >= 5)  # detected in this band
                 calib[who].append(np.c_[(f[use] - ft[use]) / e[use], snr_true[use]])
+                if who == "ours":
+                    # masked pixels in the aperture union (any band) are filled by the object's own model: are the
+                    # errors of those objects calibrated too? (with artefacts, most isolated stars carry the flag)
+                    live = (e > 0) & (snr_true >= 5)
+                    for name in _BAD_FLAG_NAMES:
+                        rejected[name] = rejected.get(name, 0) + int(np.sum(live & ((fo & OBJECT_FLAGS[name]) != 0)))
+                    only_masked = live & bad & ((fo & (_bad_flags() & ~OBJECT_FLAGS["masked_pixels"])) == 0)
+                    calib["ours_masked"].append(np.c_[(f[only_masked] - ft[only_masked]) / e[only_masked], snr_true[only_masked]])
     data = {k: np.concatenate(v) for k, v in rec.items() if v}
     tm, star = cat["tmag"], cat["star"]
     out: dict[str, Any] = {"bins": [list(b) for b in bins], "aperture": ap, "ref_band": ref}
@@ -371,20 +385,41 @@ def photometric_accuracy(results, flux_rows, cat, ref: str, m90: float, have_sex
     out["error_calibration"] = {}
     for who in ("ours", "sex"):
         if calib[who]:
-            zz = np.concatenate(calib[who])
-            d = {}
-            for tag, lo, hi in (("snr_5_100", 5.0, 100.0), ("snr_ge_5", 5.0, np.inf)):
-                z = zz[(zz[:, 1] >= lo) & (zz[:, 1] < hi), 0]
-                d[tag] = {"fraction_within_1sigma": float(np.mean(np.abs(z) < 1)) if z.size else None, "n": int(z.size),
-                          "median_pull": float(np.median(z)) if z.size else None, "sigma_mad_pull": sigma_mad(z)}
-            out["error_calibration"]["sextractor" if who == "sex" else "ours"] = d
+            out["error_calibration"]["sextractor" if who == "sex" else "ours"] = _pull_summary(np.concatenate(calib[who]))
+    if calib["ours_masked"]:
+        out["error_calibration_masked_only"] = _pull_summary(np.concatenate(calib["ours_masked"]))
+    out["error_calibration_rejected_by_flag"] = rejected
     return out
 
 
-def _bad_flags() -> int:
-    from stages.flags import OBJECT_FLAGS
+_BAD_FLAG_NAMES = ("saturated", "edge", "masked_pixels", "bad_photometry", "aperture_truncated")
 
-    return OBJECT_FLAGS.value("saturated", "edge", "masked_pixels", "bad_photometry", "aperture_truncated")
+
+def _bad_flags() -> int:
+    return OBJECT_FLAGS.value(*_BAD_FLAG_NAMES)
+
+
+def _band_flags(o: Any, band: str) -> np.ndarray:
+    """An object's flags as band ``band`` sees them: that band's pixel flags (``<band>_flags``, photometry v5 on)
+    plus the object-level ones (edge, truncated aperture, ...); the all-band ``flags`` where there is none."""
+    if f"{band}_flags" not in o:
+        return np.asarray(o["flags"])
+    pixel = OBJECT_FLAGS.value("masked_pixels", "saturated", "bad_photometry") | _artefact_bits()
+    return (np.asarray(o["flags"]) & ~np.uint32(pixel)) | np.asarray(o[f"{band}_flags"])
+
+
+def _artefact_bits() -> int:
+    return OBJECT_FLAGS.value(*[k for k in OBJECT_FLAGS.bits if k.startswith("artefact_")])
+
+
+def _pull_summary(zz: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Error calibration of (pull, true S/N) rows in two S/N ranges."""
+    d = {}
+    for tag, lo, hi in (("snr_5_100", 5.0, 100.0), ("snr_ge_5", 5.0, np.inf)):
+        z = zz[(zz[:, 1] >= lo) & (zz[:, 1] < hi), 0]
+        d[tag] = {"fraction_within_1sigma": float(np.mean(np.abs(z) < 1)) if z.size else None, "n": int(z.size),
+                  "median_pull": float(np.median(z)) if z.size else None, "sigma_mad_pull": sigma_mad(z)}
+    return d
 
 
 def cat_slice(cat: dict[str, np.ndarray], key: str, results: list, res: dict) -> np.ndarray:
@@ -480,6 +515,15 @@ def report(metrics: dict[str, Any], thr: dict[str, Any], meta: dict[str, Any]) -
             v = vv[tag]
             L.append(f"    {who:10s}: fraction |f - f_true| < sigma_f = {_f(v['fraction_within_1sigma'])} (expected 0.68; N={v['n']}); "
                      f"median pull {_f(v['median_pull'], '{:+.3f}')}, sigma_MAD of pulls {_f(v['sigma_mad_pull'])}")
+        v = (ph.get("error_calibration_masked_only") or {}).get(tag)
+        if v:
+            L.append(f"    ours, star-bands flagged masked_pixels only (excluded above; own model fills those pixels): fraction "
+                     f"{_f(v['fraction_within_1sigma'])} (N={v['n']}); median pull {_f(v['median_pull'], '{:+.3f}')}, "
+                     f"sigma_MAD of pulls {_f(v['sigma_mad_pull'])}")
+    rej = ph.get("error_calibration_rejected_by_flag") or {}
+    if rej:
+        L.append("  our isolated star-bands (true S/N >= 5) carrying each excluding flag: "
+                 + ", ".join(f"{k} {v}" for k, v in rej.items()))
     L.append("")
     bl = metrics["blend_recovery"]
     if bl:
