@@ -372,7 +372,7 @@ class Photometry(Stage):
     """Forced photometry in every band on neighbour-subtracted stamps; positions, shapes, flags."""
 
     name = "photometry"
-    version = "4"
+    version = "5"
     requires = ("exposure", "sky", "deblended", "deblend_segmentation", "segmentation")
     optional = ("masks/artefacts",)
     provides = {"objects": "per-object multi-band photometry (nJy), positions, shapes, parent/child records and flags"}
@@ -596,6 +596,7 @@ class Photometry(Stage):
             art = getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None
             art = np.asarray(art) if art is not None and np.any(art) else None
             own_ap = np.zeros((n, napt + 1))   # aperture sums of each object's own model
+            flags_b = np.zeros(n, np.uint32)   # this band's pixel flags (masked, saturated, artefacts)
             own_psf = np.zeros(n)              # sum of P w (own model)
             mtot = None
             if use_models:
@@ -685,7 +686,7 @@ class Photometry(Stage):
                 if art is not None:
                     av = np.where(u, st.gather(art), 0).reshape(nn, -1)
                     fb |= artefact_flags(np.bitwise_or.reduce(av, axis=1), artefacts)
-                band_flags[st.rows] |= fb
+                flags_b[st.rows] |= fb
             # empty apertures on the same image (neighbour models removed): residual sky level and the scatter
             # beyond the weight map's, per aperture; the Kron ellipse's by its area (linear beyond the largest)
             extra_p = 0.0
@@ -750,6 +751,9 @@ class Photometry(Stage):
             t.add(f"{band}_kronFluxErr", e_k.astype(np.float32), "nJy", f"error of {band}_kronFlux", "stat.error;phot.flux")
             t.add(f"{band}_psfFlux", f_p.astype(np.float32), "nJy", f"PSF-model flux, aperture-corrected on the tile's stars (total for a point source), {band} band", "phot.flux")
             t.add(f"{band}_psfFluxErr", e_p.astype(np.float32), "nJy", f"error of {band}_psfFlux", "stat.error;phot.flux")
+            t.add(f"{band}_flags", flags_b, "", f"the flags this band's pixels raise (masked, saturated, artefact classes, "
+                  f"bad photometry; stages.flags.OBJECT_FLAGS), {band} band; flags holds them for all bands", "meta.code")
+            band_flags |= flags_b
             psf_sum += f_p
             kron_sum += f_k
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -60,7 +60,7 @@ def test_masked_pixels_in_aperture_flagged_and_filled():
         assert abs(o[f"{b}_ap06Flux"][k[0]] / o[f"{b}_ap06Flux"][k[1]] - 1) < 0.03
 
 
-def test_artefact_classes_touching_an_aperture_become_flag_bits():
+def test_artefact_classes_touching_an_aperture_become_flag_bits_in_their_band():
     size = 128
     art = {b: np.zeros((size, size), np.uint16) for b in "gri"}
     art["r"][40, 44] = ARTEFACT_BITS["hot_pixel"]                      # 3 px from the first star
@@ -73,6 +73,13 @@ def test_artefact_classes_touching_an_aperture_become_flag_bits():
     assert f[k[0]] & OBJECT_FLAGS["artefact_hot_pixel"] and f[k[0]] & OBJECT_FLAGS["artefact_satellite_trail"]
     assert not f[k[0]] & OBJECT_FLAGS["artefact_cosmic_ray"]
     assert not f[k[1]] & (OBJECT_FLAGS["artefact_hot_pixel"] | OBJECT_FLAGS["artefact_satellite_trail"])
+    # per band: each band's flags name only what lies in that band's pixels; flags is their union
+    fr, fi, fg = (np.asarray(o[f"{b}_flags"]) for b in "rig")
+    assert fr[k[0]] & OBJECT_FLAGS["artefact_hot_pixel"] and not fr[k[0]] & OBJECT_FLAGS["artefact_satellite_trail"]
+    assert fi[k[0]] & OBJECT_FLAGS["artefact_satellite_trail"] and not fi[k[0]] & OBJECT_FLAGS["artefact_hot_pixel"]
+    art_bits = OBJECT_FLAGS.value(*[n for n in OBJECT_FLAGS.bits if n.startswith("artefact_")])
+    assert not fg[k[0]] & art_bits
+    assert np.all((fr | fi | fg) & art_bits == f & art_bits)
 
 
 def test_bright_neighbour_does_not_bias_a_faint_source():

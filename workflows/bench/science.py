@@ -131,6 +131,8 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
         for kind in ("kron", "psf", f"ap{int(CALIB_APERTURE):02d}"):
             ours[f"{b}_{kind}Flux"] = np.asarray(obj[f"{b}_{kind}Flux"], np.float64)
             ours[f"{b}_{kind}FluxErr"] = np.asarray(obj[f"{b}_{kind}FluxErr"], np.float64)
+        if f"{b}_flags" in obj:
+            ours[f"{b}_flags"] = np.asarray(obj[f"{b}_flags"])
     ours["apcorr"] = obj.attrs["apcorr"]
     out: dict[str, Any] = {"tile": tile_id, "shape": list(tile.shape), "bands": list(tile.bands),
                            "inner": tile.inner.model_dump() if tile.inner else None, "ours": ours, "timing": timing,
@@ -336,7 +338,7 @@ def photometric_accuracy(results, flux_rows, cat, ref: str, m90: float, have_sex
                 if who == "ours":
                     f = o[f"{b}_{ap}Flux"][j] * corr[b][ap]
                     e = o[f"{b}_{ap}FluxErr"][j] * corr[b][ap]
-                    fo = o["flags"][j]
+                    fo = _band_flags(o, b)[j]
                     bad = (fo & _bad_flags()) != 0
                 else:
                     f = res["sex"]["flux"][b][ap][j] * corr[b][ap]
@@ -395,6 +397,19 @@ _BAD_FLAG_NAMES = ("saturated", "edge", "masked_pixels", "bad_photometry", "aper
 
 def _bad_flags() -> int:
     return OBJECT_FLAGS.value(*_BAD_FLAG_NAMES)
+
+
+def _band_flags(o: Any, band: str) -> np.ndarray:
+    """An object's flags as band ``band`` sees them: that band's pixel flags (``<band>_flags``, photometry v5 on)
+    plus the object-level ones (edge, truncated aperture, ...); the all-band ``flags`` where there is none."""
+    if f"{band}_flags" not in o:
+        return np.asarray(o["flags"])
+    pixel = OBJECT_FLAGS.value("masked_pixels", "saturated", "bad_photometry") | _artefact_bits()
+    return (np.asarray(o["flags"]) & ~np.uint32(pixel)) | np.asarray(o[f"{band}_flags"])
+
+
+def _artefact_bits() -> int:
+    return OBJECT_FLAGS.value(*[k for k in OBJECT_FLAGS.bits if k.startswith("artefact_")])
 
 
 def _pull_summary(zz: np.ndarray) -> dict[str, dict[str, Any]]:
