@@ -6,7 +6,9 @@ Two passes on the detection coadd:
    levels, ``deblend_cont`` contrast) on the matched-filter image. That image is smoothed by the
    PSF twice over (PSF x matched filter), so two sources closer than ~1.2 PSF FWHM show no saddle
    in it and stay merged. Every sep child is kept.
-2. A peak pass on a sharper S/N image of the same coadd (smoothed by ``peak_smooth_pix`` only):
+2. A peak pass on a sharper S/N image of the same coadd (smoothed by ``peak_smooth_pix`` only; each
+   band's masked pixels filled from that band's neighbours first, ``peak_fill_pix``, so that a column
+   masked in one band does not cut a galaxy into two peaks):
    every local maximum inside a footprint is a candidate, compared with the nearest higher surviving
    peak q of its footprint. It becomes a child when, in the band images (Gaussian-weighted local
    means around the points),
@@ -79,6 +81,10 @@ CANDIDATES_PER_CHILD = 4  # peaks of one footprint tested against each other, pe
 class DeblendingConfig(StageConfig):
     peaks: bool = Field(True, description="run the peak pass (False = sep's multi-threshold deblending only, as SExtractor)")
     peak_smooth_pix: float = Field(0.5, ge=0, le=10, description="sigma (pixels) of the Gaussian smoothing of the peak image")
+    peak_fill_pix: int = Field(2, ge=0, le=16, description=(
+        "the peak image fills each band's masked pixels (artefacts, bad pixels) up to this many pixels deep by "
+        "interpolating that band's own neighbours (fill_masked_bands); 0 = the plain S/N coadd, whose valley "
+        "along a masked column splits one galaxy into two peaks"))
     peak_bands: bool = Field(False, description="also take the local maxima of every band's 3x3 S/N image as candidate peaks")
     peak_min_snr: float = Field(5.0, ge=0, le=1000, description="smallest S/N (peak image) of a candidate peak")
     peak_dip_sigma: float = Field(0.0, ge=0, le=1000, description="required valley depth to the nearest higher peak, in sigma")
@@ -159,6 +165,67 @@ def _line_minimum(img: np.ndarray, x0, y0, x1, y1, max_samples: int = 128) -> np
     ys = y0[seg] + t * (y1 - y0)[seg]
     vals = ndi.map_coordinates(img, [ys, xs], order=1, mode="nearest")
     return np.minimum.reduceat(vals, np.r_[0, np.cumsum(m)[:-1]])
+
+
+def fill_masked_bands(num: np.ndarray, den: np.ndarray, sky: Any, bands: list[str], steps: int,
+                      where: np.ndarray | None = None) -> None:
+    """Add to the coadd planes (in place) each band's masked pixels, filled from that band's good pixels: each
+    step fills the holes that have a good (or already filled) 4-neighbour with their weighted-mean flux at
+    their mean weight, so a masked column takes the linear interpolation across it and a hole ``k`` px deep
+    is filled in ``k`` steps (``steps`` at most). Saturated pixels are left alone (the coadd already has them
+    at the saturation level); only pixels in ``where`` (e.g. the footprints, where peaks are searched) are filled.
+
+    Why: the S/N coadd sum_b w_b I_b / sqrt(sum_b w_b) drops wherever one band is masked (a dead column in the
+    brightest band through a red galaxy's core takes a quarter of its S/N along the column), and the two sides
+    of such a valley become two peaks, a duplicate child 2-3 px from the real one. Filling with the other
+    bands' mean would keep a valley of the missing band's colour, and a smoothing fill (a box mean) raises a
+    ridge on a compact source's convex flanks; nearest-neighbour interpolation in the band itself does neither."""
+    if steps <= 0:
+        return
+    h, w = num.shape
+    nflat, dflat = num.reshape(-1), den.reshape(-1)
+    cand = np.flatnonzero(where) if where is not None else None  # pixels that may be filled
+    nbrs = ((0, 1), (0, -1), (1, 0), (-1, 0))
+    for b in bands:
+        wflat, iflat = sky.weight[b].reshape(-1), sky.image[b].reshape(-1)
+        idx = cand[wflat[cand] <= 0] if cand is not None else np.flatnonzero(wflat <= 0)
+        sat = sky.saturated.get(b) if hasattr(sky, "saturated") else None
+        if sat is not None:
+            idx = idx[~np.asarray(sat, bool).reshape(-1)[idx]]
+        if idx.size == 0 or idx.size > 0.25 * h * w:  # nothing masked, or mostly masked: no neighbours to trust
+            continue
+        # the holes' filled weights and weighted fluxes live beside the planes (no copy of a plane): hid maps a
+        # pixel to its hole (0: not a hole; zero-filled pages cost nothing until a hole is written)
+        hid = np.zeros(h * w, np.int32)
+        hid[idx] = np.arange(1, idx.size + 1, dtype=np.int32)
+        fw, fwi, done = np.zeros(idx.size, np.float32), np.zeros(idx.size, np.float32), np.zeros(idx.size, bool)
+        active = np.arange(idx.size)
+        for _ in range(steps):
+            hy, hx = np.divmod(idx[active], w)
+            sw, swi, ng = (np.zeros(active.size, np.float32) for _ in range(3))
+            for dy, dx in nbrs:
+                yy, xx = hy + dy, hx + dx
+                ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                q = np.where(ok, yy * w + xx, 0)
+                k = hid[q] - 1                                        # -1: not a hole
+                wv = np.where(k >= 0, np.where(done[k], fw[k], np.float32(0)), wflat[q])
+                wiv = np.where(k >= 0, fwi[k], iflat[q] * wflat[q])
+                good = ok & (wv > 0)
+                sw += np.where(good, wv, np.float32(0))
+                swi += np.where(good, wiv, np.float32(0))
+                ng += good
+            f = ng > 0
+            if not f.any():
+                break
+            j = active[f]
+            fw[j] = sw[f] / ng[f]                          # mean weight of the good neighbours
+            fwi[j] = swi[f] / ng[f]                        # = mean weight x their weighted-mean flux
+            done[j] = True
+            nflat[idx[j]] += fwi[j]
+            dflat[idx[j]] += fw[j]
+            active = active[~f]
+            if active.size == 0:
+                break
 
 
 def _subpixel_peak(img: np.ndarray, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -503,7 +570,7 @@ class Deblending(Stage):
     """Split footprints into children (sep multi-threshold + significant peaks); parent/child records."""
 
     name = "deblending"
-    version = "3"
+    version = "4"
     requires = ("exposure", "sky", "detections", "segmentation")
     provides = {
         "deblended": "objects after deblending: parents (not primary), children and isolated objects, with positions and shapes",
@@ -518,7 +585,13 @@ class Deblending(Stage):
         bl0 = [b for b in det.attrs.get("bands", tile.bands) if b in tile.bands]
         num, den = coadd_planes(sky, bl0, {b: tile.header.get(b, {}).get("SATURATE_NJY") for b in bl0})
         nfoot = int(foot.max()) if foot.size else 0
-        sharp, _ = matched_snr(num, den, config.peak_smooth_pix)
+        if config.peak_fill_pix > 0:  # the peak image only: num and den serve unfilled below (point S/N)
+            num_f, den_f = num.copy(), den.copy()
+            fill_masked_bands(num_f, den_f, sky, bl0, config.peak_fill_pix, where=foot > 0)
+            sharp, _ = matched_snr(num_f, den_f, config.peak_smooth_pix)
+            del num_f, den_f
+        else:
+            sharp, _ = matched_snr(num, den, config.peak_smooth_pix)
         bl = [b for b in det.attrs.get("bands", tile.bands) if b in tile.bands]
         # per-band smoothing that brings every band to the resolution of the widest PSF (Gaussian
         # approximation), so that one object has the same "colour" at every point of its profile

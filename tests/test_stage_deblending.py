@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.stage import ImageSet
+from stages.artefacts import ARTEFACT_BITS
 from stages.flags import OBJECT_FLAGS
 from test_stage_detection import run_stages, synthetic_tile
 
@@ -49,6 +51,56 @@ def test_pair_of_identical_colours_split_only_behind_a_valley():
     assert len(close["deblended"]) == 1, "no colour difference and no valley: one object (no shredding of galaxies)"
     wide = run_stages(synthetic_tile(pair(9.0, GREY, GREY), bands="ugrizy", noise=3.0, seed=105), upto="deblending")
     assert len(wide["deblended"]) == 3, "a clear saddle: sep splits it"
+
+
+def _red_galaxy_with_masked_column(sig: float, offset: int, bands: str):
+    """A red Gaussian galaxy of ``sig`` px and a dead column ``offset`` px from its centre in ``bands``."""
+    size, x0, y0 = 128, 64.3, 63.6
+    yy, xx = np.mgrid[:size, :size]
+    prof = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sig ** 2)) / (2 * np.pi * sig ** 2)
+    art = {b: np.zeros((size, size), np.uint16) for b in "ugrizy"}
+    for b in bands:
+        art[b][:, int(round(x0)) + offset] = ARTEFACT_BITS["dead_column"]
+    tile = synthetic_tile([], bands="ugrizy", noise=3.0, seed=116, extra={b: 40 * RED[b] * prof for b in "ugrizy"})
+    return tile, ImageSet(art, {"bits": ARTEFACT_BITS.as_attrs()}), (x0, y0)
+
+
+def test_a_column_masked_in_one_band_does_not_split_a_bright_galaxy():
+    """A dead column in the brightest band 2 px from a red galaxy's centre: the plain S/N coadd has a valley
+    along it and a second peak beyond it (a duplicate child); the filled peak image keeps one galaxy."""
+    tile, masks, (x0, y0) = _red_galaxy_with_masked_column(4.0, 2, "y")
+    plain = run_stages(tile, upto="deblending", artefacts=masks, configs={"deblending": {"peak_fill_pix": 0}})
+    assert len(plain["deblended"]) == 3, "control: the valley along the column splits the galaxy"
+    d = run_stages(tile, upto="deblending", artefacts=masks)["deblended"]
+    assert len(d) == 1 and np.hypot(d["x"][0] - x0, d["y"][0] - y0) < 0.5
+
+
+def test_filling_a_masked_column_raises_no_ridge_on_a_compact_galaxy():
+    """The fill interpolates across the column from its neighbours: on a compact galaxy's convex flank a
+    smoothing fill (a 5x5 box mean was tried) overshoots into a ridge and splits the galaxy; this one does not."""
+    tile, masks, _ = _red_galaxy_with_masked_column(2.0, 3, "zy")
+    assert len(run_stages(tile, upto="deblending", artefacts=masks)["deblended"]) == 1
+
+
+def test_fill_masked_bands_interpolates_each_band_from_itself():
+    from types import SimpleNamespace
+
+    from stages.deblending import fill_masked_bands
+    from stages.detection import coadd_planes
+
+    yy, xx = np.mgrid[:32, :32].astype(np.float32)
+    img = {"g": 10 + xx, "r": 50 + 2 * yy}  # smooth, different per band
+    wt = {"g": np.full((32, 32), 4.0, np.float32), "r": np.full((32, 32), 1.0, np.float32)}
+    wt["r"][:, 10] = 0  # a dead column in r only
+    wt["r"][20, 20] = 0
+    sky = SimpleNamespace(image=img, weight=wt, saturated={})
+    num, den = coadd_planes(sky, ["g", "r"])
+    fill_masked_bands(num, den, sky, ["g", "r"], 1)
+    full_num = 4 * img["g"] + img["r"]
+    assert np.allclose(den, 5.0) and np.allclose(num, full_num, rtol=1e-5)
+    num0, den0 = coadd_planes(sky, ["g", "r"])
+    fill_masked_bands(num0, den0, sky, ["g", "r"], 0)
+    assert np.allclose(den0[:, 10], 4.0), "0: no filling"
 
 
 def test_isolated_sources_have_no_parent_records():
