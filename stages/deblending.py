@@ -179,7 +179,7 @@ def fill_masked_bands(num: np.ndarray, den: np.ndarray, sky: Any, bands: list[st
     brightest band through a red galaxy's core takes a quarter of its S/N along the column), and the two sides
     of such a valley become two peaks, a duplicate child 2-3 px from the real one. Filling with the other
     bands' mean would keep a valley of the missing band's colour, and a smoothing fill (a box mean) raises a
-    ridge on a compact source's convex flanks; nearest-neighbour interpolation in the band itself does neither."""
+    ridge on a compact source's convex flanks; 4-neighbour interpolation in the band itself does neither."""
     if steps <= 0:
         return
     h, w = num.shape
