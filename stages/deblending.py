@@ -585,13 +585,12 @@ class Deblending(Stage):
         bl0 = [b for b in det.attrs.get("bands", tile.bands) if b in tile.bands]
         num, den = coadd_planes(sky, bl0, {b: tile.header.get(b, {}).get("SATURATE_NJY") for b in bl0})
         nfoot = int(foot.max()) if foot.size else 0
-        if config.peak_fill_pix > 0:  # the peak image only: num and den serve unfilled below (point S/N)
-            num_f, den_f = num.copy(), den.copy()
-            fill_masked_bands(num_f, den_f, sky, bl0, config.peak_fill_pix, where=foot > 0)
-            sharp, _ = matched_snr(num_f, den_f, config.peak_smooth_pix)
-            del num_f, den_f
-        else:
-            sharp, _ = matched_snr(num, den, config.peak_smooth_pix)
+        pnum, pden = num, den  # the peak image's planes: filled copies (num and den serve unfilled below)
+        if config.peak_fill_pix > 0:
+            pnum, pden = num.copy(), den.copy()
+            fill_masked_bands(pnum, pden, sky, bl0, config.peak_fill_pix, where=foot > 0)
+        sharp, _ = matched_snr(pnum, pden, config.peak_smooth_pix)
+        del pnum, pden
         bl = [b for b in det.attrs.get("bands", tile.bands) if b in tile.bands]
         # per-band smoothing that brings every band to the resolution of the widest PSF (Gaussian
         # approximation), so that one object has the same "colour" at every point of its profile

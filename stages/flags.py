@@ -21,3 +21,8 @@ OBJECT_FLAGS = BitRegistry("object_flags", [
     Bit("artefact_diffraction_spike", 14, "aperture touches a diffraction spike"),
     Bit("pixstack_overflow", 15, "detection hit sep's pixel-buffer limit and was retried with a larger one"),
 ], dtype="uint32")
+
+# the bits a band's own pixels raise: photometry writes them per band (``<band>_flags``) and their union in ``flags``;
+# the other bits describe the object as a whole
+BAND_PIXEL_FLAGS: int = OBJECT_FLAGS.value("saturated", "bad_photometry", "masked_pixels",
+                                           *[name for name in OBJECT_FLAGS.bits if name.startswith("artefact_")])

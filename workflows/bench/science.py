@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.flags import OBJECT_FLAGS
+from stages.flags import BAND_PIXEL_FLAGS, OBJECT_FLAGS
 
 NJY_ZP = 31.4
 STAGE_NAMES = ("background", "detection", "deblending", "photometry")
@@ -404,12 +404,7 @@ def _band_flags(o: Any, band: str) -> np.ndarray:
     plus the object-level ones (edge, truncated aperture, ...); the all-band ``flags`` where there is none."""
     if f"{band}_flags" not in o:
         return np.asarray(o["flags"])
-    pixel = OBJECT_FLAGS.value("masked_pixels", "saturated", "bad_photometry") | _artefact_bits()
-    return (np.asarray(o["flags"]) & ~np.uint32(pixel)) | np.asarray(o[f"{band}_flags"])
-
-
-def _artefact_bits() -> int:
-    return OBJECT_FLAGS.value(*[k for k in OBJECT_FLAGS.bits if k.startswith("artefact_")])
+    return (np.asarray(o["flags"]) & ~np.uint32(BAND_PIXEL_FLAGS)) | np.asarray(o[f"{band}_flags"])
 
 
 def _pull_summary(zz: np.ndarray) -> dict[str, dict[str, Any]]:
