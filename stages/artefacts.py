@@ -17,7 +17,8 @@ diffraction_spike      6    diffraction spike of a bright star
 The model (``stages/models/artefacts``) takes a band image with its inverse-variance weight,
 normalised as its card says (arcsinh of the per-pixel S/N, log of the weight relative to the
 band's median, a bad-pixel plane), and returns per-class probabilities; the card's per-class
-thresholds (chosen on a validation set) make the bits. Any tile size is processed in
+thresholds (chosen on a validation set) make the bits; small unmasked islands that the mask encloses
+(where two artefacts cross, neither class may pass its threshold) take the bits of their rim. Any tile size is processed in
 overlapping patches whose borders (wider than the network's receptive field) are discarded, so
 the mask does not depend on the patch size: no seams.
 """
@@ -187,6 +188,74 @@ def predict_probabilities(fn: Any, x: "np.ndarray | BandInput", *, core: int = 2
     return probs
 
 
+# ------------------------------------------------------------------ mask post-processing
+def fill_enclosed_holes(plane: np.ndarray, max_px: int) -> int:
+    """Give each unmasked island of at most ``max_px`` pixels that the mask encloses the bits of its rim.
+
+    Where two artefacts cross (a hot column through a satellite trail) each class's probability can
+    stay below its threshold on the crossing pixels, leaving a few bright unmasked pixels inside
+    the mask that detection takes for a star. An island counts as enclosed when it is an 8-connected
+    component of the unmasked pixels that touches no tile edge. Works in place; returns the number
+    of islands filled."""
+    from scipy import ndimage as ndi
+
+    if not plane.flags.c_contiguous:
+        raise ValueError("fill_enclosed_holes works in place on a C-contiguous plane")
+    if max_px <= 0 or not plane.any():
+        return 0
+    lab, n = ndi.label(plane == 0, structure=np.ones((3, 3), bool))
+    size = np.bincount(lab.ravel(), minlength=n + 1)
+    small = (size <= max_px)
+    small[0] = False
+    small[np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))] = False  # enclosed only
+    if not small.any():
+        return 0
+    flat, lab_flat = plane.ravel(), lab.ravel()
+    idx = np.flatnonzero(small[lab_flat])
+    idx = idx[np.argsort(lab_flat[idx], kind="stable")]
+    w = plane.shape[1]
+    # the OR of each hole pixel's 8 neighbours (holes never touch an edge, so none wraps), then per hole
+    bits = np.zeros(idx.size, plane.dtype)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                bits |= flat[idx + dy * w + dx]
+    labels = lab_flat[idx]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    flat[idx] = np.repeat(np.bitwise_or.reduceat(bits, starts), np.diff(np.r_[starts, idx.size]))
+    return int(starts.size)
+
+
+LINE_CLASSES: tuple[str, ...] = ("hot_column", "dead_column")
+
+
+def close_line_gaps(plane: np.ndarray, max_gap: int, min_line: int = 32,
+                    classes: tuple[str, ...] = LINE_CLASSES) -> int:
+    """Bridge gaps of at most ``max_gap`` pixels in hot and dead lines, along their row or column.
+
+    A hot line at S/N 30 that the network marks with a few single pixels missing leaves those
+    pixels to detection, which finds a row of faint "sources" along it. Only rows or columns holding
+    at least ``min_line`` pixels of ``classes`` are lines; a gap between two of their pixels in that
+    row or column gets the bits of both ends. Works in place; returns the number of pixels set."""
+    if max_gap <= 0 or not plane.any():
+        return 0
+    bits = plane.dtype.type(ARTEFACT_BITS.value(*classes))
+    line = (plane & bits) != 0
+    added = 0
+    for axis in (0, 1):                                   # axis 0: along columns, 1: along rows
+        counts = line.sum(axis=axis)
+        for k in np.flatnonzero(counts >= min_line):
+            vec = plane[:, k] if axis == 0 else plane[k, :]
+            on = np.flatnonzero((vec & bits) != 0)
+            gap = np.diff(on) - 1
+            for j in np.flatnonzero((gap > 0) & (gap <= max_gap)):
+                a, b = on[j], on[j + 1]
+                fill = (vec[a] | vec[b]) & bits
+                added += int(np.count_nonzero((vec[a + 1:b] & fill) != fill))
+                vec[a + 1:b] |= fill
+    return added
+
+
 # ------------------------------------------------------------------ the stage
 class ArtefactsConfig(StageConfig):
     model_dir: str | None = Field(None, description="model directory (model.onnx + card.json); None = the shipped model")
@@ -197,6 +266,12 @@ class ArtefactsConfig(StageConfig):
                                                                            "the card's (chosen on the validation set)")
     probabilities: bool = Field(False, description="also store the per-class probability maps "
                                                   "(masks/artefact_probability, uint8 = round(255 p))")
+    fill_holes_px: int = Field(16, ge=0, le=1024, description="unmasked islands of at most this many pixels that "
+                                                             "a band's mask encloses get the bits of their rim (a hot "
+                                                             "column crossing a trail left bright holes); 0 = off")
+    line_gap_px: int = Field(16, ge=0, le=2048, description="gaps of at most this many pixels in a hot or dead line "
+                                                           "(a row or column with >= 32 such pixels) are bridged "
+                                                           "along it; 0 = off")
     saturation_from_header: bool = Field(True, description="also set the saturation bit wherever the image reaches "
                                                           "the header's SATURATE level (exact, cheap)")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="ONNX Runtime device")
@@ -221,7 +296,7 @@ class Artefacts(Stage):
     """Segments artefacts per band with the ONNX U-Net; writes the uint16 bit mask of each band."""
 
     name = "artefacts"
-    version = "1"
+    version = "2"
     requires = ("exposure",)
     provides = {
         "masks/artefacts": "per-band uint16 artefact bit plane (attrs: bits = {class: bit index})",
@@ -281,6 +356,8 @@ class Artefacts(Stage):
 
             predict_probabilities(fn, x, core=core, margin=margin, stride=stride, sink=sink)
             del x
+            close_line_gaps(mask, config.line_gap_px)
+            fill_enclosed_holes(mask, config.fill_holes_px)
             if sat_hit is not None:
                 mask[sat_hit] |= bit_v[sat_k]
                 if pq is not None:

@@ -1,6 +1,6 @@
 """How the classical stages use the artefact mask: masked bright cosmic rays are neither detected nor
-taken for saturated cores, the sharp classes' wings are grown into the mask, and nothing changes
-without a mask."""
+taken for saturated cores, the sharp classes' wings are grown into the mask, nothing changes
+without a mask, and small gaps the mask encloses (a hot column crossing a trail) are closed."""
 from __future__ import annotations
 
 import numpy as np
@@ -78,3 +78,65 @@ def test_background_grows_the_mask_and_is_unchanged_without_one():
     for band in "gri":
         assert np.array_equal(a.image[band], b.image[band]) and np.array_equal(a.bad[band], b.bad[band])
         assert np.array_equal(a.saturated[band], b.saturated[band])
+
+
+def _crossing(hole: slice = slice(50, 52)) -> np.ndarray:
+    """A trail (rows 48-55) crossed by a hot column (x = 70) with an unmasked gap where they meet."""
+    trail, column = ARTEFACT_BITS["satellite_trail"], ARTEFACT_BITS["hot_column"]
+    plane = np.zeros((SIZE, SIZE), np.uint16)
+    plane[48:56, :] |= trail
+    plane[:, 70] |= column
+    plane[hole, 69:72] = 0
+    return plane
+
+
+def test_a_gap_where_a_hot_column_crosses_a_trail_gets_the_bits_of_both():
+    from stages.artefacts import fill_enclosed_holes
+
+    plane = _crossing()
+    before = plane.copy()
+    assert fill_enclosed_holes(plane, 16) == 1
+    both = ARTEFACT_BITS["satellite_trail"] | ARTEFACT_BITS["hot_column"]
+    assert (plane[50:52, 69:72] == both).all()
+    changed = plane != before
+    assert changed.sum() == 6 and changed[50:52, 69:72].all()
+
+
+def test_only_small_enclosed_islands_are_filled():
+    from stages.artefacts import fill_enclosed_holes
+
+    big = _crossing(slice(49, 55))                           # 18 px: larger than the limit
+    assert fill_enclosed_holes(big, 16) == 0 and (big[49:55, 69:72] == 0).all()
+    off = _crossing()
+    assert fill_enclosed_holes(off, 0) == 0 and (off[50:52, 69:72] == 0).all()
+    edge = np.zeros((SIZE, SIZE), np.uint16)                 # an island open to the tile's edge
+    edge[0:4, 0:4] = ARTEFACT_BITS["cosmic_ray"]
+    edge[0:2, 0:2] = 0
+    assert fill_enclosed_holes(edge, 16) == 0 and (edge[0:2, 0:2] == 0).all()
+    sky = np.zeros((SIZE, SIZE), np.uint16)                  # the sky itself is never an island
+    sky[10, 10] = ARTEFACT_BITS["hot_pixel"]
+    assert fill_enclosed_holes(sky, SIZE * SIZE) == 0
+
+
+def test_gaps_in_a_hot_line_are_bridged_along_it_and_nothing_else_is_touched():
+    from stages.artefacts import close_line_gaps
+
+    hot, dead, trail = ARTEFACT_BITS["hot_column"], ARTEFACT_BITS["dead_column"], ARTEFACT_BITS["satellite_trail"]
+    plane = np.zeros((SIZE, SIZE), np.uint16)
+    plane[40, :] = hot                                        # a hot row with gaps of 1, 3 and 30 pixels
+    plane[40, [10, 50, 51, 52]] = 0
+    plane[40, 80:110] = 0
+    plane[:, 20] |= dead                                      # a dead column with a 2-pixel gap
+    plane[60:62, 20] = 0
+    plane[90, 0:20] = hot                                     # too short to be a line: its gap stays
+    plane[90, 5] = 0
+    plane[100, :] |= trail                                    # not a line class: its gap stays
+    plane[100, 30] = 0
+    before = plane.copy()
+    added = close_line_gaps(plane, 16)
+    assert (plane[40, [10, 50, 51, 52]] == hot).all()
+    assert (plane[40, 80:110] == 0).all()                     # longer than max_gap
+    assert (plane[60:62, 20] == dead).all()
+    assert plane[90, 5] == 0 and plane[100, 30] == 0
+    assert added == 6 and np.count_nonzero(plane != before) == 6
+    assert close_line_gaps(before.copy(), 0) == 0
