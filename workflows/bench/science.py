@@ -86,6 +86,17 @@ def match_brightest_first(tx: np.ndarray, ty: np.ndarray, tmag: np.ndarray, dx: 
     return out
 
 
+def _single_threaded() -> Any:
+    """A context limiting BLAS/OpenMP pools to one thread (a no-op without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return threadpool_limits(1)
+
+
 def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
                  settings: dict[str, dict[str, Any]] | None = None, artefacts: bool = False) -> dict[str, Any]:
     """Our stages and SExtractor on one tile; returns the columns the metrics need and the timings.
@@ -109,19 +120,22 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
     if run_sex:  # SExtractor measures the raw planes after our stages: the background must not reuse them
         given.setdefault(Background.name, {}).setdefault("reuse_exposure", False)
     cfgs = {cls: cls.Config(**given.get(cls.name, {})) for cls in (Background, Detection, Deblending, Photometry)}
-    if artefacts:
-        from stages import Artefacts
+    # one BLAS/OpenMP thread, as the pipeline's workers run (pipeline.cluster): a second thread's
+    # spinning would count as CPU time against SExtractor's single thread
+    with _single_threaded():
+        if artefacts:
+            from stages import Artefacts
 
-        st = Artefacts()
-        w0, c0 = time.perf_counter(), time.process_time()
-        products.update(st.run({"exposure": tile}, Artefacts.Config(device="cpu", **given.get(st.name, {}))))
-        timing[st.name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
-    for cls, cfg in cfgs.items():
-        st = cls()
-        ins = {r: products[r] for r in (*st.requires, *st.optional) if r in products}
-        w0, c0 = time.perf_counter(), time.process_time()
-        products.update(st.run(ins, cfg))
-        timing[st.name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+            st = Artefacts()
+            w0, c0 = time.perf_counter(), time.process_time()
+            products.update(st.run({"exposure": tile}, Artefacts.Config(device="cpu", **given.get(st.name, {}))))
+            timing[st.name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+        for cls, cfg in cfgs.items():
+            st = cls()
+            ins = {r: products[r] for r in (*st.requires, *st.optional) if r in products}
+            w0, c0 = time.perf_counter(), time.process_time()
+            products.update(st.run(ins, cfg))
+            timing[st.name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     obj = products["objects"]
     det_cfg = cfgs[Detection]
     phot_cfg = cfgs[Photometry]
