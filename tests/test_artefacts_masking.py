@@ -140,3 +140,42 @@ def test_gaps_in_a_hot_line_are_bridged_along_it_and_nothing_else_is_touched():
     assert plane[90, 5] == 0 and plane[100, 30] == 0
     assert added == 6 and np.count_nonzero(plane != before) == 6
     assert close_line_gaps(before.copy(), 0) == 0
+
+
+def _sky_with_star(fwhm: float, peak_snr: float, seed: int = 101) -> np.ndarray:
+    """Unit-variance noise with a Moffat (beta 3) star of the given FWHM (pixels), off the pixel grid."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:SIZE, :SIZE]
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / 3) - 1))
+    r2 = (x - 64.3) ** 2 + (y - 63.8) ** 2
+    return (rng.normal(size=(SIZE, SIZE)) + peak_snr * (1 + r2 / alpha ** 2) ** -3).astype(np.float32)
+
+
+def test_sharp_pixels_finds_hits_and_tracks_but_never_a_star():
+    from stages.artefacts import sharp_pixels
+
+    ones = np.ones((SIZE, SIZE), np.float32)
+    usable = np.ones((SIZE, SIZE), bool)
+    for fwhm in (2.0, 3.5, 5.0):                               # undersampled to poor seeing, saturating S/N
+        img = _sky_with_star(fwhm, 5000.0)
+        assert not sharp_pixels(img, ones, usable, fwhm).any(), fwhm
+    img = _sky_with_star(3.5, 300.0)
+    img[20, 30] += 40.0                                         # a hot pixel
+    img[100, 10:16] += 60.0                                     # a cosmic-ray track along a row
+    img[64, 70] += 200.0                                        # a hit on the star's wing
+    hits = sharp_pixels(img, ones, usable, 3.5)
+    assert hits[20, 30] and hits[100, 10:16].all() and hits[64, 70]
+    assert hits.sum() == 8
+    assert not sharp_pixels(img, ones, usable, 3.5, snr_min=0).any()
+
+
+def test_sharp_pixels_ignores_masked_neighbours():
+    from stages.artefacts import sharp_pixels
+
+    ones = np.ones((SIZE, SIZE), np.float32)
+    img = _sky_with_star(3.5, 300.0)
+    img[:, 62] = -500.0                                         # a dead column through the star, masked
+    usable = np.ones((SIZE, SIZE), bool)
+    usable[:, 62] = False
+    assert not sharp_pixels(img, ones, usable, 3.5).any()
+    assert sharp_pixels(img, ones, np.ones((SIZE, SIZE), bool), 3.5).any()   # counted, it would make the star "sharp"
