@@ -345,6 +345,16 @@ def _card(model_dir: str) -> Any:
     return _card_cached(model_dir, stamp)
 
 
+def _close_mask(mask: np.ndarray, tile: Any, band: str, config: ArtefactsConfig) -> None:
+    """What the network leaves open, closed in place: gaps in lines, enclosed holes, sharp pixels."""
+    close_line_gaps(mask, config.line_gap_px)
+    fill_enclosed_holes(mask, config.fill_holes_px)
+    if config.sharp_snr > 0:
+        usable = (mask == 0) & ~_bad_pixels(tile.image[band], tile.weight[band], tile.bad[band])
+        mask[sharp_pixels(tile.image[band], tile.weight[band], usable, header_fwhm_pix(tile, band),
+                          config.sharp_snr, config.sharp_margin)] |= np.uint16(ARTEFACT_BITS["cosmic_ray"])
+
+
 class Artefacts(Stage):
     """Segments artefacts per band with the ONNX U-Net; writes the uint16 bit mask of each band."""
 
@@ -395,10 +405,6 @@ class Artefacts(Stage):
             shape = x.shape[1:]
             mask = np.zeros(shape, np.uint16)
             pq = np.zeros((len(ARTEFACT_CLASSES),) + shape, np.uint8) if config.probabilities else None
-            sat_hit = None
-            sat = tile.header.get(band, {}).get("SATURATE_NJY")
-            if config.saturation_from_header and sat:
-                sat_hit = (tile.image[band] >= np.float32(sat) * np.float32(1 - 1e-5)) & ~tile.bad[band]
 
             def sink(y0: int, y1: int, x0: int, x1: int, p: np.ndarray) -> None:
                 m = mask[y0:y1, x0:x1]
@@ -409,30 +415,27 @@ class Artefacts(Stage):
 
             predict_probabilities(fn, x, core=core, margin=margin, stride=stride, sink=sink)
             del x
-            close_line_gaps(mask, config.line_gap_px)
-            fill_enclosed_holes(mask, config.fill_holes_px)
-            if config.sharp_snr > 0:
-                usable = (mask == 0) & ~_bad_pixels(tile.image[band], tile.weight[band], tile.bad[band])
-                mask[sharp_pixels(tile.image[band], tile.weight[band], usable, header_fwhm_pix(tile, band),
-                                  config.sharp_snr, config.sharp_margin)] |= bit_v[ARTEFACT_CLASSES.index("cosmic_ray")]
-                del usable
-            if sat_hit is not None:
-                mask[sat_hit] |= bit_v[sat_k]
-                if pq is not None:
-                    pq[sat_k][sat_hit] = 255
             planes[band] = mask
             if pq is not None:
                 for k, cls in enumerate(ARTEFACT_CLASSES):
                     probs[f"{band}_{cls}"] = pq[k]
+        # one tiny run that hands the arena's chunks back: the patches' activations (~0.3 GB per MPix of
+        # window) would otherwise stay reserved while the later stages run (shrinking on every patch
+        # instead costs ~20 % in speed); the mask's post-processing below then runs without them
+        sess.run(None, {in_name: np.zeros((1, 3, stride, stride), np.float32)}, shrinking_run_options())
+        for band, mask in planes.items():
+            _close_mask(mask, tile, band, config)
+            sat = tile.header.get(band, {}).get("SATURATE_NJY")
+            if config.saturation_from_header and sat:
+                sat_hit = (tile.image[band] >= np.float32(sat) * np.float32(1 - 1e-5)) & ~tile.bad[band]
+                mask[sat_hit] |= bit_v[sat_k]
+                if config.probabilities:
+                    probs[f"{band}_saturation"][sat_hit] = 255
         attrs = {"bits": ARTEFACT_BITS.as_attrs(), "descriptions": ARTEFACT_BITS.describe(),
                  "model": card.name, "model_version": card.version, "model_sha256": card.sha256,
                  "thresholds": {c: float(thr[c]) for c in ARTEFACT_CLASSES}}
         prob_attrs = {"classes": list(ARTEFACT_CLASSES), "scale": 1.0 / 255.0, "requested": bool(config.probabilities),
                       "plane_name": "<band>_<class>"}
-        # one tiny run that hands the arena's chunks back: the patches' activations (~0.3 GB per MPix of
-        # window) would otherwise stay reserved while the later stages run (shrinking on every patch
-        # instead costs ~20 % in speed)
-        sess.run(None, {in_name: np.zeros((1, 3, stride, stride), np.float32)}, shrinking_run_options())
         return {"masks/artefacts": ImageSet(planes, attrs), "masks/artefact_probability": ImageSet(probs, prob_attrs)}
 
 
