@@ -239,8 +239,9 @@ def sharp_pixels(image: np.ndarray, weight: np.ndarray, usable: np.ndarray, fwhm
     above the mean of their two neighbours (both usable), which hold less than ``margin`` times what a Gaussian
     of the band's FWHM puts at that distance from its peak.
 
-    Light that came through the optics is spread by the PSF, and no profile of a given FWHM falls
-    faster near its core than the Gaussian: a star's or a galaxy's neighbours hold more. A cosmic ray,
+    Light that came through the optics is spread by the PSF, and a seeing-limited PSF (a Moffat
+    profile) falls more slowly near its core than a Gaussian of the same FWHM: a star's or a
+    galaxy's neighbours hold more. Tests pin stars of FWHM 2-5 px at S/N 5000. A cosmic ray,
     a hot pixel or a charge track holds nearly nothing there (a track fails the test across its
     direction). A classical backstop for what the network misses; on clean mock tiles it finds no
     pixel at all. ``usable``: pixels that may serve as neighbours and be tested (good, not already
@@ -320,7 +321,7 @@ class ArtefactsConfig(StageConfig):
     line_gap_px: int = Field(16, ge=0, le=2048, description="gaps of at most this many pixels in a hot or dead line "
                                                            "(a row or column with >= 32 such pixels) are bridged "
                                                            "along it; 0 = off")
-    sharp_snr: float = Field(8.0, ge=0, le=1e6, description="unmasked pixels sharper than any PSF (sharp_pixels: this "
+    sharp_snr: float = Field(8.0, ge=0, le=1e6, description="unmasked pixels sharper than the PSF allows (sharp_pixels: this "
                                                            "many sigma, and as much above the mean of two opposite "
                                                            "neighbours) get the cosmic_ray bit; 0 = off")
     sharp_margin: float = Field(0.5, gt=0, le=1, description="... whose neighbours hold less than this fraction of "
