@@ -117,3 +117,18 @@ def test_hard_negative_mining_adds_the_top_scoring_pool_negatives(tmp_path):
     assert len(list((tmp_path / "work").glob("mined-*.npz"))) == 1
     assert main(args + ["--mine-seed", "2200"]) == 2
     assert main(args + ["--mine-seed", "1100"]) == 2 and main(args + ["--mine-pool", "9"]) == 2
+
+
+def test_bright_frac_draws_deflectors_and_impostors_from_the_brightest_candidates():
+    from workflows.train.stamps import lens_sets, make_spec
+
+    spec = make_spec("lenses", 48, "gri")
+    kw = dict(counts={"lens": 12, "ordinary": 12}, spec=spec, min_lens_snr=0.0, field_px=256, pool_px=4096,
+              progress=False)
+    bright = [s for s in lens_sets(101, "test", bright_frac=1.0, **kw)]
+    plain = [s for s in lens_sets(101, "test", **kw)]
+    mb = np.concatenate([s.mag_i for s in bright])
+    mp = np.concatenate([s.mag_i for s in plain])
+    assert mb.size == mp.size == 24
+    assert (mb < 20.5).all()                 # every deflector and every ordinary impostor is bright
+    assert (mp >= 20.5).mean() > 0.5         # the population's own draw is mostly fainter

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stamp", type=int, default=48, help="stamp side (pixels)")
     p.add_argument("--bands", default=S.BANDS, help="bands in channel order")
     p.add_argument("--min-lens-snr", type=float, default=10.0, help="training lenses: lensed-source S/N at least this")
+    p.add_argument("--bright-frac", type=float, default=0.0,
+                   help="training set: this fraction of deflectors and of ordinary negatives drawn from candidates "
+                        "with i < 20.5 (bright deflectors are rare in the population and the hardest lenses)")
     p.add_argument("--field", type=int, default=S.FIELD, help="mosaic field side (pixels)")
     p.add_argument("--pool", type=int, default=None, help="candidate population side (pixels; default: by set size)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="simulated sets are cached here")
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
           f"stamps of {a.stamp}^2 px ({a.bands})", flush=True)
     t0 = time.perf_counter()
     kw = {"field_px": a.field, "pool_px": a.pool}
-    tr = cached_lens_set(a.workdir, a.seed, "training", tr_counts, spec, a.min_lens_snr, kw)
+    tr = cached_lens_set(a.workdir, a.seed, "training", tr_counts, spec, a.min_lens_snr,
+                         {**kw, "bright_frac": a.bright_frac} if a.bright_frac > 0 else kw)
     va = cached_lens_set(a.workdir, a.val_seed, "validation", va_counts, spec, 0.0, kw)
     t_sim = time.perf_counter() - t0
     sim_note = None

@@ -335,7 +335,7 @@ class CandidateCut:
 class CandidatePools:
     """Objects of an independent mock population, sorted into the pools the mosaics draw from."""
 
-    def __init__(self, seed: int, cut: CandidateCut, survey, size_px: int = 8192) -> None:
+    def __init__(self, seed: int, cut: CandidateCut, survey, size_px: int = 8192, bright_mag: float = 20.5) -> None:
         from workflows.mock.population import DISK, EDGEON, SPHEROID, STAR, Footprint, make_population
 
         pop = make_population(Footprint(size_px, size_px), seed, survey, min_bright_stars=0)
@@ -358,6 +358,9 @@ class CandidatePools:
         for name, idx in self.pools.items():
             if idx.size == 0:
                 raise RuntimeError(f"candidate pool {name!r} is empty: use a larger population")
+        # optional pools of the brightest candidates (training sets that over-represent them); may be empty
+        self.pools["deflector_bright"] = np.flatnonzero(cand & (typ == SPHEROID) & (mi < bright_mag))
+        self.pools["ordinary_bright"] = np.flatnonzero(cand & (mi < bright_mag))
 
     def draw(self, rng: np.random.Generator, pool: str, n: int) -> np.ndarray:
         """``n`` objects of ``pool``: every object once (in a random order) before any repeats."""
@@ -421,8 +424,19 @@ class _Cell:
 
 
 def _plan_cells(rng: np.random.Generator, pools: CandidatePools, kinds: np.ndarray, xs: np.ndarray, ys: np.ndarray,
-                bands: str, survey, min_lens_snr: float) -> list[_Cell]:
-    """Decide the content of each cell (and paint lenses and impostors) for one mosaic."""
+                bands: str, survey, min_lens_snr: float, bright_frac: float = 0.0) -> list[_Cell]:
+    """Decide the content of each cell (and paint lenses and impostors) for one mosaic.
+
+    ``bright_frac``: that fraction of deflectors and of ordinary-pool negatives is drawn from the
+    brightest candidates instead (as many bright lenses as bright impostors, so brightness alone
+    tells nothing); 0 draws as the population does and leaves the random stream untouched."""
+
+    def pick(pool: str) -> str:
+        bright = f"{pool}_bright"
+        if bright_frac > 0 and pools.pools.get(bright, np.empty(0)).size and rng.random() < bright_frac:
+            return bright
+        return pool
+
     from workflows.mock import lenses as L
 
     pop = pools.pop
@@ -434,7 +448,7 @@ def _plan_cells(rng: np.random.Generator, pools: CandidatePools, kinds: np.ndarr
         off = (float(np.round(x) - x), float(np.round(y) - y))
         if name == "lens":
             for _attempt in range(20):
-                o = int(pools.draw(rng, "deflector", 1)[0])
+                o = int(pools.draw(rng, pick("deflector"), 1)[0])
                 lp = L.draw_lenses(rng, pop["z"][o:o + 1], pop["q"][o:o + 1], pop["beta"][o:o + 1])
                 img, mu = L.paint_lensed_source(lp.row(0), bands, survey, CELL, off)
                 snr = L.lensed_snr(img, bands, survey)
@@ -444,7 +458,7 @@ def _plan_cells(rng: np.random.Generator, pools: CandidatePools, kinds: np.ndarr
             continue
         pool = {"ordinary": "ordinary", "blend": "ordinary", "merger": "ordinary", "ring": "ordinary",
                 "spiral": "spiral", "edgeon": "edgeon", "star": "star"}[name]
-        o = int(pools.draw(rng, pool, 1)[0])
+        o = int(pools.draw(rng, pick(pool) if pool == "ordinary" else pool, 1)[0])
         cell = _Cell(kind, x, y, o)
         if name == "blend":
             for _ in range(int(rng.integers(1, 3))):
@@ -506,7 +520,7 @@ def _mosaic(rng: np.random.Generator, bg_models: dict[str, np.ndarray], pools: C
 
 def lens_sets(seed: int, purpose: str, *, counts: dict[str, int], spec: CutoutSpec, cut: CandidateCut | None = None,
               min_lens_snr: float = 0.0, shifts: int = SHIFTS, field_px: int = FIELD, pool_px: int | None = None,
-              progress: bool = True) -> Iterator[LensSet]:
+              progress: bool = True, bright_frac: float = 0.0) -> Iterator[LensSet]:
     """Yield one :class:`LensSet` per mosaic until ``counts`` ({kind: number}) are all made.
 
     Kinds are mixed at random over the cells of every mosaic. ``min_lens_snr``: lenses whose lensed
@@ -550,7 +564,7 @@ def lens_sets(seed: int, purpose: str, *, counts: dict[str, int], spec: CutoutSp
             order = rng.permutation(per)[:kinds.size]
             xs = gx.ravel()[order] + rng.uniform(-0.5, 0.5, kinds.size)
             ys = gy.ravel()[order] + rng.uniform(-0.5, 0.5, kinds.size)
-            cells = _plan_cells(rng, pools, kinds, xs, ys, bands, survey, min_lens_snr)
+            cells = _plan_cells(rng, pools, kinds, xs, ys, bands, survey, min_lens_snr, bright_frac)
             inp, st = _mosaic(rng, bg_models, pools, cells, bands, survey, spec, f"mosaic{m:04d}")
             pop = pools.pop
             obj = np.array([c.obj for c in cells])
