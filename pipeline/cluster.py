@@ -37,6 +37,20 @@ def tune_malloc(threshold: int | None = None) -> bool:
         return False
 
 
+def limit_math_threads(n: int = 1) -> Any:
+    """Limit the BLAS/OpenMP pools of this process to ``n`` threads, now; the returned object is also
+    a context that restores them on exit (a no-op without threadpoolctl). Workers call it once;
+    benchmarks that time stages in their own process wrap the stages in it, so they measure what a
+    worker runs."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return threadpool_limits(n)
+
+
 class SurveypipeWorkerSetup(WorkerPlugin):
     """Owns per-worker settings: zarr's async concurrency, single-threaded math libraries and
     glibc's allocator thresholds (:func:`tune_malloc`).
@@ -58,12 +72,7 @@ class SurveypipeWorkerSetup(WorkerPlugin):
         tune_malloc()
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(self.threads))
-        try:
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(self.threads)
-        except ImportError:
-            pass
+        limit_math_threads(self.threads)
 
 
 def default_workers() -> int:

@@ -86,17 +86,6 @@ def match_brightest_first(tx: np.ndarray, ty: np.ndarray, tmag: np.ndarray, dx: 
     return out
 
 
-def _single_threaded() -> Any:
-    """A context limiting BLAS/OpenMP pools to one thread (a no-op without threadpoolctl)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return threadpool_limits(1)
-
-
 def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
                  settings: dict[str, dict[str, Any]] | None = None, artefacts: bool = False) -> dict[str, Any]:
     """Our stages and SExtractor on one tile; returns the columns the metrics need and the timings.
@@ -122,7 +111,9 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
     cfgs = {cls: cls.Config(**given.get(cls.name, {})) for cls in (Background, Detection, Deblending, Photometry)}
     # one BLAS/OpenMP thread, as the pipeline's workers run (pipeline.cluster): a second thread's
     # spinning would count as CPU time against SExtractor's single thread
-    with _single_threaded():
+    from pipeline.cluster import limit_math_threads
+
+    with limit_math_threads(1):
         if artefacts:
             from stages import Artefacts
 

@@ -432,6 +432,7 @@ def _plan_cells(rng: np.random.Generator, pools: CandidatePools, kinds: np.ndarr
     tells nothing); 0 draws as the population does and leaves the random stream untouched."""
 
     def pick(pool: str) -> str:
+        """``pool``, or its bright counterpart where one exists (deflector, ordinary)."""
         bright = f"{pool}_bright"
         if bright_frac > 0 and pools.pools.get(bright, np.empty(0)).size and rng.random() < bright_frac:
             return bright
@@ -458,7 +459,7 @@ def _plan_cells(rng: np.random.Generator, pools: CandidatePools, kinds: np.ndarr
             continue
         pool = {"ordinary": "ordinary", "blend": "ordinary", "merger": "ordinary", "ring": "ordinary",
                 "spiral": "spiral", "edgeon": "edgeon", "star": "star"}[name]
-        o = int(pools.draw(rng, pick(pool) if pool == "ordinary" else pool, 1)[0])
+        o = int(pools.draw(rng, pick(pool), 1)[0])
         cell = _Cell(kind, x, y, o)
         if name == "blend":
             for _ in range(int(rng.integers(1, 3))):
@@ -525,6 +526,8 @@ def lens_sets(seed: int, purpose: str, *, counts: dict[str, int], spec: CutoutSp
 
     Kinds are mixed at random over the cells of every mosaic. ``min_lens_snr``: lenses whose lensed
     source has a lower S/N are redrawn (training); 0 keeps every drawn lens (benchmarks).
+    ``bright_frac``: the fraction of deflectors and ordinary negatives drawn from the candidates with
+    i < 20.5 (:func:`_plan_cells`; training sets only).
     """
     check_purpose(seed, purpose)
     survey = survey_config()
