@@ -78,6 +78,31 @@ def test_colour_residual_planes_remove_the_deflector_colour_and_export_to_onnx(t
     assert diff < 1e-4
 
 
+def test_widened_init_starts_from_the_init_models_exact_function():
+    import torch
+
+    from workflows.train.lenses import load_widened
+    from workflows.train.stamps import NET_KWARGS, stamp_net
+
+    torch.manual_seed(1)
+    base = stamp_net(3, 2, **{**NET_KWARGS, "tta": 2})
+    for m in base.modules():  # non-trivial batch-norm statistics, as a trained model has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    wide = stamp_net(3, 2, **{**NET_KWARGS, "tta": 2, "colour_residual": [[0, 2], [1, 2]]})
+    load_widened(wide, base.state_dict())
+    base.eval(), wide.eval()
+    x = torch.randn(4, 3, 48, 48) * 3.0
+    with torch.no_grad():
+        assert torch.equal(base(x)[0], wide(x)[0])
+    first = wide.state_dict()["features.0.weight"]
+    assert first.shape[1] == 5 and torch.count_nonzero(first[:, 3:]) == 0
+    narrow = stamp_net(3, 2, **{**NET_KWARGS, "tta": 2})
+    with pytest.raises(ValueError, match="cannot be widened"):
+        load_widened(narrow, wide.state_dict())
+
+
 def test_train_scale_enlarges_only_the_training_set():
     from workflows.train.lenses import TRAIN_COUNTS, VAL_COUNTS, _parser, set_counts
 

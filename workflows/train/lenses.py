@@ -81,10 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--colour-residual", default="none",
                    help="colour-residual input planes computed inside the network (band pairs a-b, e.g. 'g-i,r-i': "
                         "arcsinh(F_a - k F_b), k = the deflector's central flux ratio); 'none': the plain stamp "
-                        "(16 epochs with 'g-i,r-i' validated no better: ROC AUC 0.9675, TPR at FPR 0.1 %% 0.4925)")
+                        "(16 epochs with 'g-i,r-i' validated no better: ROC AUC 0.9675, TPR at FPR 0.1 %% 0.4925; nor did 8 epochs "
+                        "continued from the shipped model with --init: docs/deeplearning.md)")
     p.add_argument("--init", type=Path, default=None,
-                   help="start from the weights (model.pt) of this model directory, whose card's network must match "
-                        "(continued training; --lr is then the peak of a new one-cycle schedule)")
+                   help="start from the weights (model.pt) of this model directory, whose card's network must match or "
+                        "lack only trailing --colour-residual planes (their first-layer weights then start at zero, "
+                        "so training starts from the init model's function; continued training: --lr is then the "
+                        "peak of a new one-cycle schedule)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
@@ -225,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.modelcard import load_card
 
         icard = load_card(a.init)
-        if icard.training.get("net") != net:
+        inet = dict(icard.training.get("net") or {})
+        ires, nres = inet.pop("colour_residual", []), net.get("colour_residual", [])
+        # the same network, or one that appends colour-residual planes to the init's (see load_widened)
+        if inet != {k: v for k, v in net.items() if k != "colour_residual"} or nres[:len(ires)] != ires:
             print(f"error: --init {a.init}: its network {icard.training.get('net')} differs from {net}", file=sys.stderr)
             return 2
-        model.load_state_dict(torch.load(Path(a.init) / "model.pt", map_location="cpu", weights_only=True))
+        load_widened(model, torch.load(Path(a.init) / "model.pt", map_location="cpu", weights_only=True))
         init = {"model_dir": str(a.init), "onnx_sha256": icard.sha256, "epochs": icard.training.get("epochs"),
                 "steps": icard.training.get("steps"), "lr": icard.training.get("lr"),
                 "command": icard.training.get("command"), "init": icard.training.get("init")}
@@ -409,6 +415,26 @@ def extended_metrics(score_val: np.ndarray, va: Any, score_extra: np.ndarray) ->
     out["fpr_by_kind"] = {k: [round(float(np.mean(score_val[va.kind == i] > thr[f])), 4) for f in (0.01, 0.001)]
                           for i, k in enumerate(S.LENS_KINDS) if i > 0 and np.any(va.kind == i)}
     return out
+
+
+def load_widened(model: Any, state: dict[str, Any]) -> None:
+    """Load ``state`` into ``model``, whose first convolution may take more input planes than the state's.
+
+    The extra planes are the colour-residual planes a model adds to an ``--init`` model that had
+    fewer (they are appended after the stamp's channels): their first-layer weights start at zero,
+    so training starts from exactly the init model's function and learns how much to use them."""
+    import torch
+
+    key = "features.0.weight"
+    own = model.state_dict()[key]
+    w = state[key]
+    if w.shape != own.shape:
+        if w.shape[0] != own.shape[0] or w.shape[2:] != own.shape[2:] or w.shape[1] > own.shape[1]:
+            raise ValueError(f"first convolution {tuple(w.shape)} cannot be widened to {tuple(own.shape)}")
+        wide = torch.zeros_like(own)
+        wide[:, :w.shape[1]] = w
+        state = {**state, key: wide}
+    model.load_state_dict(state)
 
 
 def colour_residual_pairs(text: str, bands: str) -> list[list[int]]:
