@@ -92,7 +92,8 @@ def test_widened_init_starts_from_the_init_models_exact_function():
             m.running_var.uniform_(0.5, 2.0)
     wide = stamp_net(3, 2, **{**NET_KWARGS, "tta": 2, "colour_residual": [[0, 2], [1, 2]]})
     load_widened(wide, base.state_dict())
-    base.eval(), wide.eval()
+    base.eval()
+    wide.eval()
     x = torch.randn(4, 3, 48, 48) * 3.0
     with torch.no_grad():
         assert torch.equal(base(x)[0], wide(x)[0])
