@@ -81,7 +81,7 @@ def test_colour_residual_planes_remove_the_deflector_colour_and_export_to_onnx(t
 def test_widened_init_starts_from_the_init_models_exact_function():
     import torch
 
-    from workflows.train.lenses import load_widened
+    from workflows.train.lenses import continues_network, load_widened
     from workflows.train.stamps import NET_KWARGS, stamp_net
 
     torch.manual_seed(1)
@@ -102,6 +102,10 @@ def test_widened_init_starts_from_the_init_models_exact_function():
     narrow = stamp_net(3, 2, **{**NET_KWARGS, "tta": 2})
     with pytest.raises(ValueError, match="cannot be widened"):
         load_widened(narrow, wide.state_dict())
+    # the card check in front of it: planes may be appended, never dropped, and nothing else may differ
+    plain, resid = {**NET_KWARGS, "tta": 2}, {**NET_KWARGS, "tta": 2, "colour_residual": [[0, 2], [1, 2]]}
+    assert continues_network(plain, resid) and continues_network(resid, resid)
+    assert not continues_network(resid, plain) and not continues_network({**plain, "tta": 8}, resid)
 
 
 def test_train_scale_enlarges_only_the_training_set():

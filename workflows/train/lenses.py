@@ -228,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.modelcard import load_card
 
         icard = load_card(a.init)
-        inet = dict(icard.training.get("net") or {})
-        ires, nres = inet.pop("colour_residual", []), net.get("colour_residual", [])
-        # the same network, or one that appends colour-residual planes to the init's (see load_widened)
-        if inet != {k: v for k, v in net.items() if k != "colour_residual"} or nres[:len(ires)] != ires:
+        if not continues_network(icard.training.get("net") or {}, net):
             print(f"error: --init {a.init}: its network {icard.training.get('net')} differs from {net}", file=sys.stderr)
             return 2
         load_widened(model, torch.load(Path(a.init) / "model.pt", map_location="cpu", weights_only=True))
@@ -415,6 +412,16 @@ def extended_metrics(score_val: np.ndarray, va: Any, score_extra: np.ndarray) ->
     out["fpr_by_kind"] = {k: [round(float(np.mean(score_val[va.kind == i] > thr[f])), 4) for f in (0.01, 0.001)]
                           for i, k in enumerate(S.LENS_KINDS) if i > 0 and np.any(va.kind == i)}
     return out
+
+
+def continues_network(init_net: dict[str, Any], net: dict[str, Any]) -> bool:
+    """Whether a model of ``net`` can start from weights of ``init_net``: the same network, or one
+    that appends colour-residual planes to the init's (loaded by :func:`load_widened`)."""
+    def rest(n: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in n.items() if k != "colour_residual"}
+
+    ires, nres = list(init_net.get("colour_residual", [])), list(net.get("colour_residual", []))
+    return rest(init_net) == rest(net) and nres[:len(ires)] == ires
 
 
 def load_widened(model: Any, state: dict[str, Any]) -> None:
