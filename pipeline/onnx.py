@@ -3,6 +3,13 @@
 CUDA is used only when onnxruntime can actually create a CUDA session (onnxruntime-gpu falls
 back to the CPU silently when CUDA libraries are missing, so the providers of the session we
 got are checked); otherwise the CPU. The choice is logged once per model, never printed.
+
+On CUDA every call goes through an IO binding (:func:`run`): each input shape gets one device
+buffer for the worker's life, filled in place, so a call allocates nothing but its outputs, and
+:func:`run_batched` pads its last batch to the full batch size, so the stamp models see one
+shape (cuDNN picks its algorithms once; the arena, capped at ``GPU_MEM_LIMIT``, holds one block
+per tensor). On the CPU a binding gains nothing (the stamp models ran at the same speed either way),
+so the CPU path keeps the plain ``InferenceSession.run``.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ log = logging.getLogger("surveypipe.onnx")
 _sessions: dict[tuple[str, str, int], Any] = {}
 _lock = threading.Lock()
 GPU_MEM_LIMIT = 4 << 30
+MAX_BINDINGS = 8  # IO bindings (device input buffers) kept per session
 
 
 def _quiet(ort: Any) -> None:
@@ -73,25 +81,78 @@ def provider_of(sess: Any) -> str:
     return sess.get_providers()[0]
 
 
+def on_cuda(sess: Any) -> bool:
+    return provider_of(sess) == "CUDAExecutionProvider"
+
+
+class _Binding:
+    """An IO binding of ``sess`` with one buffer per input on the session's device, for one set of
+    input shapes: a call copies the inputs into the buffers and the outputs back to the host."""
+
+    def __init__(self, sess: Any, feeds: dict[str, np.ndarray], outputs: list[str]) -> None:
+        import onnxruntime as ort
+
+        device = "cuda" if on_cuda(sess) else "cpu"
+        self.sess, self.io, self.buffers, self.lock = sess, sess.io_binding(), {}, threading.Lock()
+        for name, v in feeds.items():
+            buf = ort.OrtValue.ortvalue_from_shape_and_type(v.shape, v.dtype, device, 0)
+            self.io.bind_ortvalue_input(name, buf)
+            self.buffers[name] = buf
+        for name in outputs:
+            self.io.bind_output(name, device)
+
+    def __call__(self, feeds: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
+        with self.lock:  # one call at a time per buffer set (threads of one worker may share a session)
+            for name, v in feeds.items():
+                self.buffers[name].update_inplace(np.ascontiguousarray(v))
+            self.sess.run_with_iobinding(self.io, run_options)
+            return self.io.copy_outputs_to_cpu()
+
+
+def run(sess: Any, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None, run_options: Any = None,
+        bind: bool | None = None) -> list[np.ndarray]:
+    """``sess.run`` on the host, or through a cached IO binding (``bind``; default: on CUDA only).
+
+    Bindings are kept per session, input shapes and outputs (a tile's U-Net windows come in at
+    most four shapes, the stamp models' padded batches in one), the ``MAX_BINDINGS`` latest."""
+    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
+    if not (on_cuda(sess) if bind is None else bind):
+        return sess.run(names, feeds, run_options)
+    cache = sess.__dict__.setdefault("_surveypipe_bindings", {})
+    key = (tuple((k, v.shape, v.dtype.str) for k, v in sorted(feeds.items())), tuple(names))
+    with _lock:
+        binding = cache.pop(key, None) or _Binding(sess, feeds, names)
+        cache[key] = binding  # the most recent last
+        while len(cache) > MAX_BINDINGS:
+            cache.pop(next(iter(cache)))
+    return binding(feeds, run_options)
+
+
 def run_batched(sess: Any, inputs: dict[str, np.ndarray], batch: int = 256,
-                outputs: Iterable[str] | None = None, release: bool = True) -> list[np.ndarray]:
+                outputs: Iterable[str] | None = None, release: bool = True, bind: bool | None = None) -> list[np.ndarray]:
     """Run ``sess`` over the leading axis of every input in batches; concatenate the outputs.
 
     With ``release`` the last batch hands the memory arena's unused chunks back (per-batch
     shrinking would cost ~30 % on small batches; keeping the arena would hold one batch's peak
-    activations for the rest of the worker's life)."""
+    activations for the rest of the worker's life). Through an IO binding (``bind``, default on
+    CUDA) every batch has the full size: a short last batch is padded with copies of its last
+    row, whose outputs are dropped."""
     n = len(next(iter(inputs.values())))
     names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
     if n == 0:
         return [np.zeros((0,) + tuple(d if isinstance(d, int) else 0 for d in o.shape[1:]), np.float32)
                 for o in sess.get_outputs() if o.name in names]
+    fixed = on_cuda(sess) if bind is None else bind
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for i in range(0, n, batch):
         last = i + batch >= n
-        res = sess.run(names, {k: v[i:i + batch] for k, v in inputs.items()},
-                       shrinking_run_options() if release and last else None)
+        feeds = {k: v[i:i + batch] for k, v in inputs.items()}
+        m = len(next(iter(feeds.values())))
+        if fixed and m < batch:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], batch - m, axis=0)]) for k, v in feeds.items()}
+        res = run(sess, feeds, names, shrinking_run_options() if release and last else None, bind=fixed)
         for j, r in enumerate(res):
-            parts[j].append(r)
+            parts[j].append(r[:m])
     return [np.concatenate(p) for p in parts]
 
 

@@ -377,7 +377,7 @@ class Artefacts(Stage):
         return [d / "model.onnx", d / "card.json"]
 
     def run(self, inputs: Mapping[str, Any], config: ArtefactsConfig) -> dict[str, Any]:
-        from pipeline.onnx import session, shrinking_run_options
+        from pipeline.onnx import run, session, shrinking_run_options
 
         tile = inputs["exposure"]
         mdir = self._dir(config)
@@ -395,7 +395,7 @@ class Artefacts(Stage):
         core = max(stride, (config.patch // stride) * stride)
 
         def fn(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {in_name: x})[0]
+            return run(sess, {in_name: x})[0]  # through an IO binding on CUDA
 
         planes, probs = {}, {}
         sat_k = ARTEFACT_CLASSES.index("saturation")

@@ -204,9 +204,7 @@ def predict(model_dir: str | Path, flux: np.ndarray, err: np.ndarray, *, batch: 
             block = np.empty((min(n, rows), G + 1), np.float32)
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                for i in range(r0, r1, batch):
-                    j = min(r1, i + batch)
-                    block[i - r0:j - r0] = sess.run(["cdf"], {"features": x[i:j]})[0]
+                block[:r1 - r0] = run_batched(sess, {"features": x[r0:r1]}, batch=batch, outputs=["cdf"], release=False)[0]
                 summarise_cdf(block[:r1 - r0], z_grid, dz, pdf_out=pdf[r0:r1], out=summ, at=slice(r0, r1))
         else:  # a model exported before the cdf output
             (prob,) = run_batched(sess, {"features": x}, batch=batch, outputs=["prob"])

@@ -2,8 +2,10 @@
 
 Part of ``surveypipe bench performance`` (issue 9). One thread each (``intra_op_num_threads=1``,
 ``torch.set_num_threads(1)``), best of three timed passes after a warm-up, on random inputs
-of the model's input shape (speed does not depend on the values). The provider actually used
-is printed: with ``--device cuda`` on a machine with a GPU the ONNX sessions run on CUDA.
+of the model's input shape (speed does not depend on the values), through the calls the stages
+make (:func:`pipeline.onnx.run_batched`, :func:`pipeline.onnx.run`). The provider actually used
+is printed: with ``--device cuda`` on a machine with a GPU the ONNX sessions run on CUDA, through
+IO bindings with fixed shapes.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def _torch_threads() -> Any:
 
 def stamp_model_speed(name: str, batch: int, n: int, device: str) -> dict[str, Any]:
     """Stamps per second of a cutout CNN (morphology, lenses) at the stage's batch size."""
-    from pipeline.onnx import provider_of, session
+    from pipeline.onnx import provider_of, run_batched, session
     from stages.morphology import load_stamp_model
     from workflows.train.stamps import load_torch_model
 
@@ -48,8 +50,7 @@ def stamp_model_speed(name: str, batch: int, n: int, device: str) -> dict[str, A
     in_name = sess.get_inputs()[0].name
 
     def ort_run() -> None:
-        for i in range(0, n, batch):
-            sess.run(None, {in_name: x[i:i + batch]})
+        run_batched(sess, {in_name: x}, batch=batch)
 
     row: dict[str, Any] = {"model": name, "unit": "stamps/s", "batch": batch, "input": f"{spec.channels}x{spec.size}x{spec.size}",
                            "provider": provider_of(sess), "onnx": n / _best(ort_run)}
@@ -71,7 +72,7 @@ def artefact_model_speed(size: int, device: str) -> dict[str, Any]:
     """Band megapixels per second of the artefact U-Net through the stage's patcher (one tile of
     ``size``² pixels, the stage's patch and margin), ONNX Runtime vs the same network in PyTorch."""
     from pipeline.modelcard import load_card
-    from pipeline.onnx import provider_of, session
+    from pipeline.onnx import provider_of, run, session
     from stages.artefacts import ArtefactsConfig, predict_probabilities
 
     d = MODELS / "artefacts"
@@ -87,7 +88,7 @@ def artefact_model_speed(size: int, device: str) -> dict[str, Any]:
     row: dict[str, Any] = {"model": "artefacts", "unit": "band-MPix/s", "batch": 1,
                            "input": f"{size}x{size} tile, patch {core} + margin {margin}",
                            "provider": provider_of(sess)}
-    row["onnx"] = mpix / _best(lambda: predict_probabilities(lambda a: sess.run(None, {in_name: a})[0], x, core=core,
+    row["onnx"] = mpix / _best(lambda: predict_probabilities(lambda a: run(sess, {in_name: a})[0], x, core=core,
                                                              margin=margin, stride=stride), repeats=2)
     torch = _torch_threads()
     pt = d / "model.pt"
