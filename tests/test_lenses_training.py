@@ -108,6 +108,21 @@ def test_widened_init_starts_from_the_init_models_exact_function():
     assert not continues_network(resid, plain) and not continues_network({**plain, "tta": 8}, resid)
 
 
+def test_dropping_faint_lenses_keeps_every_negative_and_aligned_columns():
+    from workflows.train.lenses import drop_faint_lenses
+    from workflows.train.stamps import LensSet
+
+    n = 6
+    label = np.array([1, 1, 0, 1, 0, 1], np.int8)
+    snr = np.array([5.0, 25.0, np.nan, 19.9, np.nan, 40.0])
+    ls = LensSet(x=np.arange(n, dtype=np.float16).reshape(n, 1, 1, 1), label=label, kind=label ^ 1, theta_e=snr / 10,
+                 snr=snr, mu=snr, mag_i=np.arange(n, dtype=float), gi=np.zeros(n), z_d=np.zeros(n), flags=np.zeros(n, np.int32))
+    kept = drop_faint_lenses(ls, 20.0)
+    assert kept.mag_i.tolist() == [1, 2, 4, 5]           # lenses at S/N 25 and 40, and both negatives
+    assert kept.x[:, 0, 0, 0].tolist() == [1, 2, 4, 5] and kept.label.tolist() == [1, 0, 0, 1]
+    assert np.array_equal(kept.snr, snr[[1, 2, 4, 5]], equal_nan=True)
+
+
 def test_train_scale_enlarges_only_the_training_set():
     from workflows.train.lenses import TRAIN_COUNTS, VAL_COUNTS, _parser, set_counts
 

@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stamp", type=int, default=48, help="stamp side (pixels)")
     p.add_argument("--bands", default=S.BANDS, help="bands in channel order")
     p.add_argument("--min-lens-snr", type=float, default=10.0, help="training lenses: lensed-source S/N at least this")
+    p.add_argument("--drop-lenses-below-snr", type=float, default=0.0, help=(
+        "drop training lenses whose lensed-source S/N is below this after the set is made or loaded (the cached set, "
+        "made with --min-lens-snr, is re-used): lenses whose arcs the noise hides teach the net to flag bright "
+        "ellipticals"))
     p.add_argument("--bright-frac", type=float, default=0.0,
                    help="training set: this fraction of deflectors and of ordinary negatives drawn from candidates "
                         "with i < 20.5 (bright deflectors are rare in the population and the hardest lenses)")
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     tr = cached_lens_set(a.workdir, a.seed, "training", tr_counts, spec, a.min_lens_snr,
                          {**kw, "bright_frac": a.bright_frac} if a.bright_frac > 0 else kw)
     va = cached_lens_set(a.workdir, a.val_seed, "validation", va_counts, spec, 0.0, kw)
+    if a.drop_lenses_below_snr > 0:
+        n0 = len(tr)
+        tr = drop_faint_lenses(tr, a.drop_lenses_below_snr)
+        print(f"train lenses: dropped {n0 - len(tr)} training lenses with S/N < {a.drop_lenses_below_snr:g}", flush=True)
     t_sim = time.perf_counter() - t0
     sim_note = None
     made = [s.meta.get("seconds") for s in (tr, va)]
@@ -270,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         thresholds={"score_at_fpr_0.01": metrics["threshold_at_fpr_0.01"],
                     "score_at_fpr_0.001": metrics["threshold_at_fpr_0.001"]},
         training={"seed": a.seed, "counts": tr_counts, "n_stamps": len(tr), "min_lens_snr": a.min_lens_snr,
+                  **({"drop_lenses_below_snr": a.drop_lenses_below_snr} if a.drop_lenses_below_snr > 0 else {}),
                   **({"hard_negative_mining": mined_info} if mined_info else {}),
                   "epochs": a.epochs, "steps": log["steps"], **({"init": init} if init else {}), "batch": a.batch, "lr": a.lr, "threads": a.threads,
                   "simulate_seconds": round(t_sim, 1), **({"simulation_note": sim_note} if sim_note else {}),
@@ -442,6 +451,11 @@ def load_widened(model: Any, state: dict[str, Any]) -> None:
         wide[:, :w.shape[1]] = w
         state = {**state, key: wide}
     model.load_state_dict(state)
+
+
+def drop_faint_lenses(ls: Any, min_snr: float) -> Any:
+    """``ls`` without its lenses whose lensed-source S/N is below ``min_snr`` (negatives all kept)."""
+    return ls.select(~((ls.label == 1) & ~(ls.snr >= min_snr)))
 
 
 def colour_residual_pairs(text: str, bands: str) -> list[list[int]]:

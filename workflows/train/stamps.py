@@ -312,6 +312,10 @@ class LensSet:
         d = np.load(path)
         return cls(**{k: d[k] for k in cls.KEYS}, meta=json.loads(str(d["meta"])))
 
+    def select(self, keep: np.ndarray) -> "LensSet":
+        """The stamps where ``keep`` (a boolean mask) is true."""
+        return LensSet(**{k: getattr(self, k)[keep] for k in self.KEYS}, meta=dict(self.meta))
+
     @staticmethod
     def concat(sets: Sequence["LensSet"]) -> "LensSet":
         return LensSet(**{k: np.concatenate([getattr(s, k) for s in sets]) for k in LensSet.KEYS}, meta=dict(sets[0].meta))
