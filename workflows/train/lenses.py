@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lens-snr", type=float, default=10.0, help="training lenses: lensed-source S/N at least this")
     p.add_argument("--drop-lenses-below-snr", type=float, default=0.0, help=(
         "drop training lenses whose lensed-source S/N is below this after the set is made or loaded (the cached set, "
-        "made with --min-lens-snr, is re-used): lenses whose arcs the noise hides teach the net to flag bright "
-        "ellipticals"))
+        "made with --min-lens-snr, is re-used); tried at 20 as a fine-tune: no gain on validation, see "
+        "docs/deeplearning.md"))
     p.add_argument("--bright-frac", type=float, default=0.0,
                    help="training set: this fraction of deflectors and of ordinary negatives drawn from candidates "
                         "with i < 20.5 (bright deflectors are rare in the population and the hardest lenses)")
