@@ -84,6 +84,20 @@ def _open_client(cluster: str, workers: int | None, scheduler: str | None, jobqu
     return connect(c), [c]
 
 
+def _check_local_cuda(stage_configs: dict) -> None:
+    """Refuse ``device: cuda`` before any tile when this host cannot run ONNX Runtime on CUDA."""
+    wants = sorted(name for name, c in stage_configs.items() if getattr(c, "device", None) == "cuda")
+    if not wants:
+        return
+    from .errors import ConfigError
+    from .onnx import cuda_problem
+
+    problem = cuda_problem()
+    if problem:
+        raise ConfigError(f"device cuda for stage(s) {wants}: {problem}; use --device auto (CUDA where usable, "
+                          "else the CPU) or cpu, or run on GPU nodes (--cluster slurm --gpu-jobs N)")
+
+
 def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=None, force=False, workers=None,
          cluster="local", scheduler=None, jobqueue_config=None, min_jobs=None, max_jobs=None, config_path=None,
          overrides=(), no_progress=False, targets=None, device=None, gpu_jobs=0) -> int:
@@ -97,7 +111,9 @@ def _run(manifest_path: str, out: str, *, tiles=None, shard=None, from_stage=Non
     from .dag import Dag
 
     Dag(stages).needed_for(config.targets)
-    config.stage_configs(stages)
+    stage_configs = config.stage_configs(stages)
+    if cluster == "local" and not scheduler:  # workers on this host: a CUDA request it cannot meet fails every tile
+        _check_local_cuda(stage_configs)
     client, owned = _open_client(cluster, workers, scheduler, jobqueue_config, min_jobs, max_jobs, gpu_jobs, out)
     try:
         click.echo(f"release {manifest.name!r}: {len(manifest.tiles)} tiles, bands {manifest.bands}; "

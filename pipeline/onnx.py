@@ -32,16 +32,24 @@ def _quiet(ort: Any) -> None:
     ort.set_default_logger_severity(3)  # errors only: no provider-fallback warnings on CPU hosts
 
 
-def cuda_usable() -> bool:
-    """True when the CUDA provider is compiled in and a GPU device is visible."""
+def cuda_problem() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA on this host, or None when it can try (the CUDA provider
+    is compiled in and a GPU device is visible; its libraries are only found when a session starts)."""
     import onnxruntime as ort
 
     _quiet(ort)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
+        return f"this onnxruntime ({ort.__version__}) has no CUDA provider (onnxruntime-gpu installs it)"
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl"))
+        return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every GPU"
+    if not any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl")):
+        return "no NVIDIA GPU is visible on this host (no /dev/nvidia0)"
+    return None
+
+
+def cuda_usable() -> bool:
+    """True when the CUDA provider is compiled in and a GPU device is visible."""
+    return cuda_problem() is None
 
 
 def session(model_path: str | Path, device: str = "auto", threads: int = 1) -> Any:
@@ -68,10 +76,17 @@ def session(model_path: str | Path, device: str = "auto", threads: int = 1) -> A
             providers.insert(0, ("CUDAExecutionProvider", {"gpu_mem_limit": GPU_MEM_LIMIT,
                                                            "cudnn_conv_algo_search": "HEURISTIC",
                                                            "arena_extend_strategy": "kSameAsRequested"}))
-        sess = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+        if want_cuda:  # a CUDA provider that cannot load its libraries logs an error and falls back: checked below
+            ort.set_default_logger_severity(4)
+        try:
+            sess = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+        finally:
+            _quiet(ort)
         got = sess.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in got:
-            raise RuntimeError(f"CUDA requested for {model_path} but onnxruntime gave {got}")
+            why = cuda_problem() or "its CUDA or cuDNN libraries are missing or do not match this onnxruntime"
+            raise RuntimeError(f"CUDA requested for {model_path}, but onnxruntime cannot use it here: {why}; "
+                               f"it offered {got}")
         log.info("onnx model %s runs on %s", Path(model_path).name, got[0])
         _sessions[key] = sess
         return sess
