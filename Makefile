@@ -58,10 +58,10 @@ bench: install-dev
 	mkdir -p $(BENCH_OUT)
 	@start=$$(date +%s); \
 	( $(SP) bench science --out $(BENCH_OUT)/science && \
+	  $(SP) bench science --artefacts --out $(BENCH_OUT)/science_artefacts && \
 	  $(SP) bench artefacts --out $(BENCH_OUT)/artefacts && \
 	  $(SP) bench deeplearning --jobs 1 --out $(BENCH_OUT)/deeplearning ) > $(BENCH_OUT)/lane1.log 2>&1 & l1=$$!; \
-	( $(SP) bench photoz --workdir $(BENCH_OUT)/photoz_mock --out $(BENCH_OUT)/photoz && \
-	  $(SP) bench science --artefacts --out $(BENCH_OUT)/science_artefacts ) \
+	( $(SP) bench photoz --workdir $(BENCH_OUT)/photoz_mock --out $(BENCH_OUT)/photoz ) \
 	  > $(BENCH_OUT)/lane2.log 2>&1 & l2=$$!; \
 	wait $$l1; r1=$$?; wait $$l2; r2=$$?; cat $(BENCH_OUT)/lane1.log $(BENCH_OUT)/lane2.log; \
 	$(SP) bench performance --out $(BENCH_OUT)/performance; r3=$$?; \
