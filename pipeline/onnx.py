@@ -61,35 +61,43 @@ def session(model_path: str | Path, device: str = "auto", threads: int = 1) -> A
     with _lock:
         if key in _sessions:
             return _sessions[key]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         want_cuda = device == "cuda" or (device == "auto" and cuda_usable())
-        if not want_cuda:
-            # the memory pattern pre-plans one block per input shape on top of the arena: off, the artefact
-            # U-Net peaks 148 MB lower on 1248^2 windows and the stamp CNNs 26-56 MB lower, at the same speed
-            opts.enable_mem_pattern = False
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if want_cuda:
-            providers.insert(0, ("CUDAExecutionProvider", {"gpu_mem_limit": GPU_MEM_LIMIT,
-                                                           "cudnn_conv_algo_search": "HEURISTIC",
-                                                           "arena_extend_strategy": "kSameAsRequested"}))
-        if want_cuda:  # a CUDA provider that cannot load its libraries logs an error and falls back: checked below
-            ort.set_default_logger_severity(4)
-        try:
-            sess = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
-        finally:
-            _quiet(ort)
+        sess = _new_session(ort, model_path, threads, want_cuda)
         got = sess.get_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in got:
+        if want_cuda and "CUDAExecutionProvider" not in got:
             why = cuda_problem() or "its CUDA or cuDNN libraries are missing or do not match this onnxruntime"
-            raise RuntimeError(f"CUDA requested for {model_path}, but onnxruntime cannot use it here: {why}; "
-                               f"it offered {got}")
+            if device == "cuda":
+                raise RuntimeError(f"CUDA requested for {model_path}, but onnxruntime cannot use it here: {why}; "
+                                   f"it offered {got}")
+            log.info("onnx model %s: CUDA did not start (%s); the CPU runs it", Path(model_path).name, why)
+            sess = _new_session(ort, model_path, threads, False)  # with the CPU's own options
+            got = sess.get_providers()
         log.info("onnx model %s runs on %s", Path(model_path).name, got[0])
         _sessions[key] = sess
         return sess
+
+
+def _new_session(ort: Any, model_path: str | Path, threads: int, cuda: bool) -> Any:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if cuda:
+        providers.insert(0, ("CUDAExecutionProvider", {"gpu_mem_limit": GPU_MEM_LIMIT,
+                                                       "cudnn_conv_algo_search": "HEURISTIC",
+                                                       "arena_extend_strategy": "kSameAsRequested"}))
+        # a CUDA provider that cannot load its libraries logs an error and falls back: session() checks
+        ort.set_default_logger_severity(4)
+    else:
+        # the memory pattern pre-plans one block per input shape on top of the arena: off, the artefact
+        # U-Net peaks 148 MB lower on 1248^2 windows and the stamp CNNs 26-56 MB lower, at the same speed
+        opts.enable_mem_pattern = False
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    finally:
+        _quiet(ort)
 
 
 def provider_of(sess: Any) -> str:

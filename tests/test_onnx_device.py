@@ -35,3 +35,16 @@ def test_run_with_device_cuda_on_a_host_without_gpu_is_refused_before_any_tile(n
     assert result.exit_code == 2, result.output
     assert "device cuda for stage(s)" in result.output and no_gpu in result.output
     assert not out.exists()
+
+
+def test_auto_falls_back_to_a_plain_cpu_session_quietly_when_cuda_cannot_start(no_gpu, monkeypatch, capfd, tmp_path):
+    import shutil
+
+    model = tmp_path / "photoz.onnx"  # a path of its own: no cached session
+    shutil.copy(PHOTOZ_MODEL, model)
+    monkeypatch.setattr(ponnx, "cuda_usable", lambda: True)  # as on a GPU host whose CUDA libraries do not load
+    sess = ponnx.session(model, device="auto")
+    assert ponnx.provider_of(sess) == "CPUExecutionProvider"
+    assert not sess.get_session_options().enable_mem_pattern  # rebuilt with the CPU path's own options
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
