@@ -201,11 +201,10 @@ def predict(model_dir: str | Path, flux: np.ndarray, err: np.ndarray, *, batch: 
         sess = session(card.onnx_path(Path(model_dir)), device=device)
         if "cdf" in {o.name for o in sess.get_outputs()}:
             rows = max(batch, SUMMARY_ROWS)
-            block = np.empty((min(n, rows), G + 1), np.float32)
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                block[:r1 - r0] = run_batched(sess, {"features": x[r0:r1]}, batch=batch, outputs=["cdf"], release=False)[0]
-                summarise_cdf(block[:r1 - r0], z_grid, dz, pdf_out=pdf[r0:r1], out=summ, at=slice(r0, r1))
+                (cdf,) = run_batched(sess, {"features": x[r0:r1]}, batch=batch, outputs=["cdf"], release=False)
+                summarise_cdf(cdf, z_grid, dz, pdf_out=pdf[r0:r1], out=summ, at=slice(r0, r1))
         else:  # a model exported before the cdf output
             (prob,) = run_batched(sess, {"features": x}, batch=batch, outputs=["prob"])
             np.multiply(prob, np.float32(1.0 / dz), out=pdf)

@@ -376,7 +376,7 @@ def mine_negatives(model_dir: Path, parts: list[tuple[int, dict[str, int]]], n_h
                 cand = np.flatnonzero(~sel & (kept.kind == ordinary))
                 sel[cand[np.argsort(-kept_key[cand], kind="stable")[:n_random]]] = True
             idx = np.flatnonzero(sel)
-            kept = S.LensSet(**{k: getattr(kept, k)[idx] for k in S.LensSet.KEYS}, meta=dict(kept.meta))
+            kept = kept.select(idx)
             kept_score, kept_key = kept_score[idx], kept_key[idx]
         print(f"  lenses mining: part seed {seed} done, {n_seen} stamps scored ({time.perf_counter() - t0:.0f} s)",
               flush=True)

@@ -313,7 +313,7 @@ class LensSet:
         return cls(**{k: d[k] for k in cls.KEYS}, meta=json.loads(str(d["meta"])))
 
     def select(self, keep: np.ndarray) -> "LensSet":
-        """The stamps where ``keep`` (a boolean mask) is true."""
+        """The stamps ``keep`` selects (a boolean mask or indices)."""
         return LensSet(**{k: getattr(self, k)[keep] for k in self.KEYS}, meta=dict(self.meta))
 
     @staticmethod
