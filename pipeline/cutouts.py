@@ -23,6 +23,7 @@ import numpy as np
 
 from .bits import Bit, BitRegistry
 from .errors import ConfigError
+from .scratch import release
 
 #: flags of one stamp (``Stamps.flags``); stages copy these bits into their own flag columns
 STAMP_FLAGS = BitRegistry("stamp_flags", [
@@ -143,6 +144,7 @@ def extract(images: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, size
             weight[:, j] = good
         image[:, j] = np.where(good, vals, np.float32(0))
         mask[:, j] = ~good
+        release(img, weights.get(b) if weights is not None else None, bad.get(b) if bad is not None else None)
     return Stamps(bands, image, weight, mask, outside, np.stack([cx, cy], axis=1))
 
 

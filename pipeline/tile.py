@@ -14,10 +14,15 @@ Two passes per tile:
    negative weights and constant or empty bands are refused. All per-pixel work runs in row
    blocks of :data:`BLOCK_PIXELS`, so the only full-size arrays are the returned planes
    (image and weight float32, bad bool) plus, transiently, the mask plane as stored.
+
+The planes are then moved, band by band, into a file-backed scratch (:mod:`pipeline.scratch`)
+whose pages stages hand back when a band is done; ``SURVEYPIPE_SCRATCH=memory`` keeps them in
+the heap.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +31,7 @@ import numpy as np
 
 from .errors import BadInputError
 from .manifest import BandFile, HduRef, InnerRegion, Manifest, TileSpec
+from .scratch import PlaneFile, plane_bytes, release, scratch_dir
 
 NJY_ZEROPOINT = 31.4  # AB magnitude of 1 nJy
 WCS_KEYS = ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2")
@@ -76,6 +82,11 @@ class TileData:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for d in (self.image, self.weight, self.bad) for a in d.values())
+
+    def release_pages(self, band: str | None = None) -> None:
+        """Hand back the resident pages of one band's planes (None: every band); see :mod:`pipeline.scratch`."""
+        for b in ([band] if band is not None else self.bands):
+            release(self.image.get(b), self.weight.get(b), self.bad.get(b))
 
 
 def file_sha256(path: Path) -> str:
@@ -387,11 +398,36 @@ def _load_band(tile: str, plan: _BandPlan) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 # ------------------------------------------------------------------------------ the tile
-def load_tile(manifest: Manifest, spec: TileSpec, bands: list[str] | None = None) -> TileData:
+def _plane_file(tile: str, plans: list[_BandPlan], scratch: Path | None) -> PlaneFile | None:
+    if scratch is None:
+        return None
+    h, w = plans[0].image.shape
+    per_band = sum(plane_bytes((h, w), dt) for dt in (np.float32, np.float32, np.bool_))  # image, weight, bad
+    try:
+        return PlaneFile(scratch, per_band * len(plans))
+    except OSError as exc:
+        logging.getLogger(__name__).warning("tile %s: no scratch file in %s (%s); pixel planes stay in memory",
+                                            tile, scratch, exc)
+        return None
+
+
+def _to_scratch(planes: tuple[np.ndarray, ...], store: PlaneFile) -> tuple[np.ndarray, ...]:
+    out = []
+    for a in planes:
+        b = store.take(a.shape, a.dtype)
+        b[...] = a
+        release(b)  # written through to the page cache: not resident until a stage reads it
+        out.append(b)
+    return tuple(out)
+
+
+def load_tile(manifest: Manifest, spec: TileSpec, bands: list[str] | None = None,
+              scratch: Path | None | bool = True) -> TileData:
     """Read, check and calibrate every band of a tile; raise :class:`BadInputError` if unusable.
 
     Headers of every band are checked first (files, HDUs, WCS, pixel scale, grid), then the
-    pixels are read one band at a time and calibrated in place.
+    pixels are read one band at a time and calibrated in place. ``scratch``: True, the directory
+    of :func:`pipeline.scratch.scratch_dir`; a path; or None/False for planes in the heap.
     """
     tile = spec.id
     want = [b for b in (bands or manifest.bands) if b in spec.files]
@@ -413,9 +449,12 @@ def load_tile(manifest: Manifest, spec: TileSpec, bands: list[str] | None = None
             raise BadInputError(tile, str(p.image.path), f"band {p.band} {kind} differs from band {ref.band} "
                                                          f"({ref.image.path.name}): {detail}; {advice}")
     image, weight, bad, headers, files, sums = {}, {}, {}, {}, {}, {}
+    store = _plane_file(tile, plans, scratch_dir() if scratch is True else (scratch or None))
     for p in plans:
         files[p.band] = str(p.image.path)
-        image[p.band], weight[p.band], bad[p.band] = _load_band(tile, p)
+        planes = _load_band(tile, p)
+        image[p.band], weight[p.band], bad[p.band] = _to_scratch(planes, store) if store is not None else planes
+        del planes
         hdr = p.image.header
         keep = {k: hdr[k] for k in ("SATURATE", "PSF_FWHM", "SEEING", "GAIN", "EXPTIME", "FILTER") if k in hdr}
         keep["FLUXSCALE"] = float(p.scale)

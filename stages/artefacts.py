@@ -416,6 +416,7 @@ class Artefacts(Stage):
 
             predict_probabilities(fn, x, core=core, margin=margin, stride=stride, sink=sink)
             del x
+            tile.release_pages(band)  # file-backed planes: only the band in hand stays resident
             planes[band] = mask
             if pq is not None:
                 for k, cls in enumerate(ARTEFACT_CLASSES):
@@ -432,6 +433,7 @@ class Artefacts(Stage):
                 mask[sat_hit] |= bit_v[sat_k]
                 if config.probabilities:
                     probs[f"{band}_saturation"][sat_hit] = 255
+            tile.release_pages(band)
         attrs = {"bits": ARTEFACT_BITS.as_attrs(), "descriptions": ARTEFACT_BITS.describe(),
                  "model": card.name, "model_version": card.version, "model_sha256": card.sha256,
                  "thresholds": {c: float(thr[c]) for c in ARTEFACT_CLASSES}}

@@ -21,6 +21,7 @@ import sep
 from pydantic import Field
 from scipy import ndimage as ndi
 
+from pipeline.scratch import release
 from pipeline.stage import Stage, StageConfig
 
 
@@ -233,6 +234,7 @@ class Background(Stage):
                     bad = bad | art
                     w = np.where(art, np.float32(0), w)
             planes[band] = (img, bad, w, sat)
+            release(img, bad, w)  # file-backed planes (pipeline.scratch): only the band in hand stays resident
         src = source_mask({b: p[:3] for b, p in planes.items()}, config) if config.mask_sources else None
         for band in tile.bands:
             img, bad, w, sat = planes[band]
@@ -251,6 +253,7 @@ class Background(Stage):
             good = w[:: 8, :: 8]
             good = good[good > 0]
             wrms[band] = float(1.0 / np.sqrt(np.median(good))) if good.size else float("nan")
+            release(img, sub, w, bad)
         if in_place:
             tile.consumed_by = self.name  # its image, weight and bad planes are now the sky's
         return {"sky": Sky(images, weights, bads, sats, level, rms, wrms)}

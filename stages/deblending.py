@@ -66,6 +66,7 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
 
+from pipeline.scratch import release, released_after_each
 from pipeline.ids import object_ids
 from pipeline.stage import ImageSet, Stage, StageConfig
 from pipeline.table import Table
@@ -186,7 +187,7 @@ def fill_masked_bands(num: np.ndarray, den: np.ndarray, sky: Any, bands: list[st
     nflat, dflat = num.reshape(-1), den.reshape(-1)
     cand = np.flatnonzero(where) if where is not None else None  # pixels that may be filled
     nbrs = ((0, 1), (0, -1), (1, 0), (-1, 0))
-    for b in bands:
+    for b in released_after_each(bands, lambda b: (sky.weight[b], sky.image[b])):
         wflat, iflat = sky.weight[b].reshape(-1), sky.image[b].reshape(-1)
         idx = cand[wflat[cand] <= 0] if cand is not None else np.flatnonzero(wflat <= 0)
         sat = sky.saturated.get(b) if hasattr(sky, "saturated") else None
@@ -313,7 +314,7 @@ def band_point_values(images: list[np.ndarray], weights: list[np.ndarray], x: np
     sig = [float(sigma)] * len(images) if np.isscalar(sigma) else [float(v) for v in sigma]
     vals = np.zeros((len(images), x.size))
     var = np.full((len(images), x.size), np.inf)
-    for b, (img, wt) in enumerate(zip(images, weights)):
+    for b, (img, wt) in released_after_each(enumerate(zip(images, weights)), lambda item: item[1]):
         sb = max(sig[b], 0.5)
         r = max(int(np.ceil(2.5 * sb)), 1)
         g = np.arange(-r, r + 1)
@@ -467,7 +468,7 @@ def find_children(snr_sharp: np.ndarray, foot: np.ndarray, det: Any, sep_seg: np
         py, px = local_maxima(snr_sharp, fp, config.peak_min_snr)
         if config.peak_bands and bands is not None and len(bands[0]) > 1:
             # peaks of each band too: two objects of different colours may show two peaks in some band only
-            for img, wt in zip(bands[0], bands[1]):
+            for img, wt in released_after_each(zip(bands[0], bands[1]), lambda item: item):
                 bsnr = box_snr(img, wt)
                 by, bx = local_maxima(bsnr, fp, config.peak_min_snr)
                 py, px = np.r_[py, by], np.r_[px, bx]
@@ -605,6 +606,7 @@ class Deblending(Stage):
             sep_flux = np.zeros(len(det))
             for img in bands[0]:
                 sep_flux += np.bincount(lab, img.ravel()[on], len(det))
+                release(img)
         # a point source's Gaussian-weighted local mean (resolution of the widest PSF + 0.7 px) is flux / area
         point_area = float(2 * np.pi * (psf_sig.max() ** 2 + 0.7 ** 2))
         saturated = None

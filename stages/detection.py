@@ -29,6 +29,7 @@ import sep
 from pydantic import Field
 from scipy import ndimage as ndi
 
+from pipeline.scratch import release
 from pipeline.stage import CAVEATS, ImageSet, Stage, StageConfig
 from pipeline.table import Table
 
@@ -86,6 +87,7 @@ def coadd_planes(sky: Any, bands: list[str], saturate: Mapping[str, float] | Non
                 fill = w[sy, sx] <= 0
                 num[sy[fill], sx[fill]] += np.float32(saturate[b]) * wsky
                 den[sy[fill], sx[fill]] += wsky
+        release(sky.image[b], w)  # file-backed planes (pipeline.scratch): one band resident at a time
     return num, den
 
 

@@ -62,6 +62,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
+from pipeline.scratch import release, released_after_each
 from pipeline.stage import Stage, StageConfig
 from pipeline.table import Table
 
@@ -408,7 +409,7 @@ class Photometry(Stage):
         # ---- band-independent set-up: PSFs, Kron apertures, stamps, aperture weights, model shapes
         psfs = band_psfs(tile, bands, config.psf_beta if config.psf_beta is not None else config.psf_default_beta)
         wsky = {}
-        for bnd in bands:
+        for bnd in released_after_each(bands, lambda bb: (sky.weight[bb],)):  # sparse reads fault in whole planes
             wv = sky.weight[bnd][:: 16, :: 16]
             wv = wv[wv > 0]
             wsky[bnd] = float(np.median(wv)) if wv.size else 0.0
@@ -587,6 +588,8 @@ class Photometry(Stage):
         kron_sum = np.zeros(n)
         h, w = shape
         use_models = config.neighbour_models and mrows.size > 0
+        for band in bands:  # what the coadd and the PSF fit read: the band loop faults in one band at a time
+            release(sky.image[band], sky.weight[band], getattr(sky, "bad", {}).get(band))
         for band in bands:
             psf = psfs[band]
             img, wt = sky.image[band], sky.weight[band]
@@ -756,6 +759,7 @@ class Photometry(Stage):
             band_flags |= flags_b
             psf_sum += f_p
             kron_sum += f_k
+            release(img, wt, getattr(sky, "bad", {}).get(band))  # file-backed planes (pipeline.scratch): done with this band
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(kron_sum > 0, psf_sum / kron_sum, 1.0)
         t.add("refExtendedness", (ratio < config.extendedness_cut).astype(np.float32), "",
@@ -793,7 +797,7 @@ def fit_band_psfs(tile: Any, sky: Any, psfs: dict[str, PsfModel], det: Any, cov:
     st = Stamps.make(rows, x[rows], y[rows], 9, tile.shape)
     core = st.radius() < 4
     data = {}
-    for band in tile.bands:
+    for band in released_after_each(tile.bands, lambda bb: (sky.image[bb], sky.weight[bb])):
         img, wt = st.gather(sky.image[band]), st.gather(sky.weight[band])
         bad = (wt <= 0) & core
         if sky.saturated.get(band) is not None:
