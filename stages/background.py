@@ -21,7 +21,7 @@ import sep
 from pydantic import Field
 from scipy import ndimage as ndi
 
-from pipeline.scratch import release
+from pipeline.scratch import release, released_after_each
 from pipeline.stage import Stage, StageConfig
 
 
@@ -170,7 +170,7 @@ def source_mask(planes: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     shape = next(iter(planes.values()))[0].shape
     if min(shape) < 4 * k:
         return None
-    for img, bad, w in planes.values():
+    for img, bad, w in released_after_each(planes.values(), lambda p: p):
         good = (~bad).astype(np.float32)
         n_good = _bin(good, k)
         s_img = _bin(img * good, k)

@@ -62,6 +62,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
+from pipeline.rss import release_free_heap
 from pipeline.scratch import release, released_after_each
 from pipeline.stage import Stage, StageConfig
 from pipeline.table import Table
@@ -590,6 +591,7 @@ class Photometry(Stage):
         use_models = config.neighbour_models and mrows.size > 0
         for band in bands:  # what the coadd and the PSF fit read: the band loop faults in one band at a time
             release(sky.image[band], sky.weight[band], getattr(sky, "bad", {}).get(band))
+        release_free_heap()
         for band in bands:
             psf = psfs[band]
             img, wt = sky.image[band], sky.weight[band]
@@ -760,6 +762,7 @@ class Photometry(Stage):
             psf_sum += f_p
             kron_sum += f_k
             release(img, wt, getattr(sky, "bad", {}).get(band))  # file-backed planes (pipeline.scratch): done with this band
+            release_free_heap()  # and the band's freed stamps: the heap would keep them, fragmented, under the next band's
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(kron_sum > 0, psf_sum / kron_sum, 1.0)
         t.add("refExtendedness", (ratio < config.extendedness_cut).astype(np.float32), "",
