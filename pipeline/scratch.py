@@ -84,6 +84,8 @@ class PlaneFile:
 
     def __init__(self, directory: Path, nbytes: int):
         nbytes = max(_round_up(nbytes), PAGE)
+        if not hasattr(os, "posix_fallocate") or not hasattr(mmap, "MADV_DONTNEED"):
+            raise OSError("this platform cannot reserve a file's blocks or hand mapped pages back")
         fd = self._open(directory)
         try:
             os.posix_fallocate(fd, 0, nbytes)  # ENOSPC now, not SIGBUS on a later write
