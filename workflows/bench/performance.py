@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     first = max((v.get("first_tile_peak_rss_mb") or 0.0) for v in base["stages"].values())
     if first:
         print(f"  first tile of a fresh worker: {first:.0f} MB, ratio {first * 2**20 / tile_pixel_bytes:.2f} (later "
-              f"tiles run on a warm worker: the modules, libraries and model sessions the first tile loaded stay)")
+              f"tiles start from a warm worker: what the first tile imported and initialised stays resident)")
         base["first_tile_peak_rss_mb"] = first
     cores = n1
     print(f"whole-pipeline throughput: {mpix / walls[n1] / cores:.3f} MPix/s/core of sky, "
