@@ -52,7 +52,7 @@ Both go to the attrs (``empty_apertures``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import sep
@@ -74,6 +74,7 @@ from .psf import BETA_GRID, FWHM_PER_SIGMA, PsfModel, band_psfs, fit_moffat_band
 STAMP_HALVES = (13, 20, 27, 40, 63)   # half sizes of the measurement stamps (by Kron ellipse)
 MODEL_HALVES = (8, 13, 27, 63)         # half sizes of the model stamps (by where the model falls below 0.1 sigma)
 WING_VARIANCE_SCALES = (4.0, 16.0)     # a profile's wing Gaussians: these many times the core's covariance (2x, 4x its sigma)
+BLOCK_PIXELS = 1 << 20                 # stamp pixels per block of the band loop's measurements (4 MiB per float32 plane)
 APERTURE_HALF = 13                     # circular apertures and PSF fits use the central 27 x 27 pixels
 
 
@@ -200,6 +201,23 @@ class Stamps:
         ek = k[~self.interior[k]]
         return Stamps(self.rows[k], self.half, self.ox[k], self.oy[k], self.interior[k],
                       self.inside[e[ek]], self.dx[k], self.dy[k], self.shape)
+
+
+def stamp_blocks(sets: list[Stamps], pixels: int = BLOCK_PIXELS) -> Iterator[tuple[int, Stamps, slice]]:
+    """(set index, stamps, their rows in the set) in blocks of at most ~``pixels`` stamp pixels.
+
+    The per-band measurement makes ~10 temporaries the size of a set's stamps; a set of large stamps
+    (the 127^2 ones of bright galaxies) is ~10 MB per float32 plane, so blocks keep those small.
+    Every measurement is per stamp, so blocks give the numbers of whole sets (to float32 rounding:
+    numpy's reductions may sum a lone stamp in another order); make run's catalogue is identical."""
+    for k, st in enumerate(sets):
+        step = max(1, pixels // (st.size * st.size))
+        if st.rows.size <= step:
+            yield k, st, slice(None)
+            continue
+        for a in range(0, st.rows.size, step):
+            b = min(a + step, st.rows.size)
+            yield k, st.subset(np.arange(a, b)), slice(a, b)
 
 
 def stamps_touching(st: Stamps, yx: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -638,7 +656,7 @@ class Photometry(Stage):
             fl = np.zeros((n, napt + 1))
             var = np.zeros((n, napt + 1))
             f_p, e_p, ee_k, pw = np.zeros(n), np.full(n, np.inf), np.ones(n), np.zeros(n)
-            for k, st in enumerate(sets):
+            for k, st, blk in stamp_blocks(sets):
                 nn, S = st.rows.size, st.size
                 d, wk = st.gather(img), st.gather(wt)
                 good = wk > 0
@@ -655,15 +673,15 @@ class Photometry(Stage):
                     X = d * good
                 invw = np.zeros_like(wk)
                 np.divide(np.float32(1), wk, out=invw, where=good)
-                kk = kw[k]
+                kk, wck = kw[k][blk], wc[k][blk]
                 fl[st.rows, napt] = np.einsum("nij,nij->n", kk, X)
                 var[st.rows, napt] = np.einsum("nij,nij->n", kk * kk, invw)
                 lo, hi = st.half - ch, st.half + ch + 1
                 Xc = np.ascontiguousarray(X[:, lo:hi, lo:hi]).reshape(nn, -1, 1)
                 ivc = np.ascontiguousarray(invw[:, lo:hi, lo:hi]).reshape(nn, -1, 1)
                 wcc = np.ascontiguousarray(wk[:, lo:hi, lo:hi])
-                fl[st.rows, :napt] = np.matmul(wc[k], Xc)[:, :, 0]
-                var[st.rows, :napt] = np.matmul(wc[k] * wc[k], ivc)[:, :, 0]
+                fl[st.rows, :napt] = np.matmul(wck, Xc)[:, :, 0]
+                var[st.rows, :napt] = np.matmul(wck * wck, ivc)[:, :, 0]
                 sub = Stamps(st.rows, ch, st.ox, st.oy, st.interior, st.inside, st.dx[:, lo:hi], st.dy[:, lo:hi], st.shape)
                 ey, ex = psf_factors(psf, sub)
                 K = ey.shape[1]
@@ -678,7 +696,7 @@ class Photometry(Stage):
                 ee_k[st.rows] = separable_dot(ey, np.ascontiguousarray(kk[:, lo:hi, lo:hi]), ex)
                 fb = np.zeros(nn, np.uint32)
                 fb[~okp] |= OBJECT_FLAGS["bad_photometry"]
-                u = unions[k]
+                u = unions[k][blk]
                 badst = ~good
                 if (~st.interior).any():
                     badst[~st.interior] &= st.inside
