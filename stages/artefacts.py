@@ -377,7 +377,7 @@ class Artefacts(Stage):
         return [d / "model.onnx", d / "card.json"]
 
     def run(self, inputs: Mapping[str, Any], config: ArtefactsConfig) -> dict[str, Any]:
-        from pipeline.onnx import run, session, shrinking_run_options
+        from pipeline.onnx import on_cuda, run, run_into, session, shrinking_run_options
 
         tile = inputs["exposure"]
         mdir = self._dir(config)
@@ -394,8 +394,17 @@ class Artefacts(Stage):
         stride, margin = int(geo.get("stride", STRIDE_DEFAULT)), int(geo["margin"])
         core = max(stride, (config.patch // stride) * stride)
 
+        on_host = not on_cuda(sess)
+        out_buf: dict[tuple[int, ...], np.ndarray] = {}  # one window's output, reused (each is consumed at once)
+
         def fn(x: np.ndarray) -> np.ndarray:
-            return run(sess, {in_name: x})[0]  # through an IO binding on CUDA
+            if not on_host:
+                return run(sess, {in_name: x})[0]  # through an IO binding on CUDA
+            shape = (x.shape[0], len(ARTEFACT_CLASSES)) + tuple(x.shape[2:])
+            if shape not in out_buf:
+                out_buf.clear()
+                out_buf[shape] = np.empty(shape, np.float32)
+            return run_into(sess, {in_name: x}, out_buf[shape])
 
         planes, probs = {}, {}
         sat_k = ARTEFACT_CLASSES.index("saturation")

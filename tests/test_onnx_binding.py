@@ -68,3 +68,19 @@ def test_binding_reproduces_a_stamp_models_plain_outputs():
     for p, b in zip(plain, bound):
         assert p.shape == b.shape and p.shape[0] == 70
         np.testing.assert_allclose(b, p, rtol=1e-5, atol=1e-6)
+
+
+def test_run_into_writes_the_artefact_unets_output_into_the_given_buffer():
+    from pipeline.modelcard import load_card
+    from stages.artefacts import ARTEFACT_CLASSES
+
+    d = Path(__file__).resolve().parents[1] / "stages" / "models" / "artefacts"
+    s = ponnx.session(load_card(d).onnx_path(d), device="cpu")
+    x = np.random.default_rng(8).normal(0, 1, (1, 3, 96, 128)).astype(np.float32)
+    plain = s.run(None, {s.get_inputs()[0].name: x})[0]
+    out = np.full((1, len(ARTEFACT_CLASSES), 96, 128), np.nan, np.float32)
+    got = ponnx.run_into(s, {s.get_inputs()[0].name: x}, out)
+    assert got is out and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, plain)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ponnx.run_into(s, {s.get_inputs()[0].name: x}, np.zeros((1, len(ARTEFACT_CLASSES), 128, 96), np.float32).transpose(0, 1, 3, 2))
