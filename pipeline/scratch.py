@@ -151,14 +151,3 @@ def released_after_each(items: Iterable[T], planes: Callable[[T], Iterable[np.nd
         finally:
             release(*planes(item))
 
-
-def resident_file_mb() -> float | None:
-    """This process's resident file-backed pages (MB): where mapped planes show up."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None

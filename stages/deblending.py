@@ -66,8 +66,8 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage as ndi
 
-from pipeline.scratch import release, released_after_each
 from pipeline.ids import object_ids
+from pipeline.scratch import release, released_after_each
 from pipeline.stage import ImageSet, Stage, StageConfig
 from pipeline.table import Table
 
