@@ -158,7 +158,7 @@ def run_into(sess: Any, feeds: dict[str, np.ndarray], out: np.ndarray, output: s
     A plain run makes the output in the session's arena and copies it into a new array. For the artefact
     U-Net's (7, 1136, 1136) window output that is 36 MB twice. Bound to a buffer the stage reuses,
     the stage peaked 33 MB lower on a 2048² × 6 tile. Its CPU time was about 3 % higher (median of
-    eight alternating runs, 8.83 against 8.55 s), inside the VM's run-to-run spread."""
+    eight tile timings from alternating runs, 8.83 against 8.55 s), inside the VM's run-to-run spread."""
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("run_into: the output buffer must be C-contiguous and writeable")
     io = sess.io_binding()
