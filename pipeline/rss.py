@@ -15,7 +15,8 @@ from typing import Iterator
 _lifetime_peak_mb = 0.0
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
+    """A size field of /proc/self/status (VmHWM, RssFile, ...) in MB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -28,7 +29,7 @@ def _status_mb(field: str) -> float | None:
 
 def _reset_high_water_mark() -> bool:
     global _lifetime_peak_mb
-    hwm = _status_mb("VmHWM")
+    hwm = status_mb("VmHWM")
     if hwm is None:
         return False
     _lifetime_peak_mb = max(_lifetime_peak_mb, hwm)  # keep what the reset is about to forget
@@ -42,7 +43,7 @@ def _reset_high_water_mark() -> bool:
 
 def lifetime_peak_mb() -> float:
     """Highest resident set of this process so far (MB), across phase resets."""
-    peak = max(_lifetime_peak_mb, _status_mb("VmHWM") or 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    peak = max(_lifetime_peak_mb, status_mb("VmHWM") or 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     return round(peak, 1)  # as the phases' figures (rounding is monotone: never below a phase's peak)
 
 
@@ -61,7 +62,7 @@ def phase_peak() -> Iterator[Phase]:
         yield ph
     finally:
         if ok:
-            hwm = _status_mb("VmHWM")
+            hwm = status_mb("VmHWM")
             if hwm is not None:
                 ph.peak_mb = round(hwm, 1)
                 global _lifetime_peak_mb

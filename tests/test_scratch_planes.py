@@ -12,6 +12,7 @@ from helpers_stages import CLASSICAL
 from pipeline import scratch
 from pipeline.config import PipelineConfig
 from pipeline.manifest import load_manifest
+from pipeline.rss import status_mb
 from pipeline.runner import process_tile
 from pipeline.scratch import PlaneFile, release, released_after_each
 from pipeline.store import CatalogStore
@@ -22,12 +23,7 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 
 def resident_mapped_mb() -> float:
     """File-backed plus shared-memory resident pages (a scratch on tmpfs shows up as the latter)."""
-    out = 0.0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssFile:", "RssShmem:")):
-                out += int(line.split()[1]) / 1024.0
-    return out
+    return (status_mb("RssFile") or 0.0) + (status_mb("RssShmem") or 0.0)
 
 
 @linux_only
