@@ -607,8 +607,6 @@ class Photometry(Stage):
         kron_sum = np.zeros(n)
         h, w = shape
         use_models = config.neighbour_models and mrows.size > 0
-        for band in bands:  # what the coadd and the PSF fit read: the band loop faults in one band at a time
-            release(sky.image[band], sky.weight[band], getattr(sky, "bad", {}).get(band))
         release_free_heap()
         for band in bands:
             psf = psfs[band]
