@@ -68,9 +68,8 @@ bench: install-dev
 	echo "make bench: $$(( $$(date +%s) - start )) s wall"; exit $$(( r1 || r2 || r3 ))
 
 models: install-dev
-	$(SP) train artefacts --out out/train/artefacts/m2 --train-seeds 1000-1005 --finetune-steps 0 && \
-	  $(SP) train artefacts --out out/train/artefacts/m3 --init out/train/artefacts/m2/model.pt --init-card out/train/artefacts/m2/card.json --steps 0 && \
-	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt --init-card out/train/artefacts/m3/card.json --steps 0
+	$(SP) train artefacts --out out/train/artefacts/m2 --steps 5500 && \
+	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m2/model.pt --init-card out/train/artefacts/m2/card.json --steps 0
 	$(SP) train photoz --mock --workdir out/photoz_mock_v6 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
 	L=out/train/lenses; T="--train-scale 2 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 --workdir $$L/ts2_cache"; \

@@ -147,24 +147,26 @@ def test_window_by_window_input_equals_the_whole_band_input_bit_for_bit():
     assert np.array_equal(whole, lazy)
 
 
-def test_patching_matches_a_whole_pass_for_any_function():
+@pytest.mark.parametrize("s2d", [False, True], ids=["full-resolution", "space-to-depth"])
+def test_patching_matches_a_whole_pass_for_any_function(s2d):
     """The patch geometry alone: a random conv net of the card's stride and margin, odd tile size."""
     torch = pytest.importorskip("torch")
     from workflows.train.artefacts import build_model, dependency_radius, with_sigmoid
 
     torch.manual_seed(0)
-    arch = {"c0": 4, "widths": [4, 4], "dilated_from": 1}
-    net = with_sigmoid(build_model(arch))
+    arch = {"c0": 4, "widths": [4, 4], "dilated_from": 1, "s2d": s2d, "detail": s2d}
+    unet = build_model(arch)
+    net, stride = with_sigmoid(unet), unet.stride
     r = dependency_radius(arch, size=128)
-    margin = -(-r // 4) * 4
+    margin = -(-r // stride) * stride
 
     def fn(x):
         with torch.no_grad():
             return net(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
     x = np.random.default_rng(1).normal(size=(3, 203, 150)).astype(np.float32)
-    whole = predict_probabilities(fn, x, core=1024, margin=margin, stride=4)
-    tiled = predict_probabilities(fn, x, core=32, margin=margin, stride=4)
+    whole = predict_probabilities(fn, x, core=1024, margin=margin, stride=stride)
+    tiled = predict_probabilities(fn, x, core=32, margin=margin, stride=stride)
     assert np.max(np.abs(whole - tiled)) < 1e-5
 
 
@@ -191,25 +193,27 @@ def test_mask_interface_in_the_store(tmp_path):
 def test_card_is_complete_and_margin_covers_the_receptive_field():
     pytest.importorskip("torch")
     from pipeline.modelcard import load_card
-    from workflows.train.artefacts import dependency_radius
+    from workflows.train.artefacts import card_architecture, dependency_radius
 
     card = load_card(MODEL_DIR)
     assert card.classes == list(ARTEFACT_CLASSES)
     assert set(card.thresholds) == set(ARTEFACT_CLASSES) and all(0 < t < 1 for t in card.thresholds.values())
     assert card.normalisation["recipe"] == "snr_asinh_logw_bad"
-    arch = {k: card.architecture[k] for k in ("c0", "widths", "dilated_from")}
+    arch = card_architecture(card)
     assert card.inference["margin"] >= dependency_radius(arch)
     assert (MODEL_DIR / "model.onnx").stat().st_size < 20e6
     assert card.onnx_vs_torch_max_abs_diff < 1e-4
 
 
-def test_onnx_equals_torch_on_fresh_inputs(tmp_path):
+@pytest.mark.parametrize("arch", [None, {"s2d": True, "c0": 16, "widths": [32, 48, 64], "dilated_from": 1}],
+                         ids=["full-resolution stem", "space-to-depth stem"])
+def test_onnx_equals_torch_on_fresh_inputs(tmp_path, arch):
     torch = pytest.importorskip("torch")
     from workflows.train.artefacts import build_model, with_sigmoid
     from workflows.train.onnx_export import export_onnx, max_abs_diff_onnx_torch
 
     torch.manual_seed(3)
-    model = build_model()
+    model = build_model(arch)
     with torch.no_grad():  # non-trivial batch-norm statistics
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -225,11 +229,11 @@ def test_onnx_equals_torch_on_fresh_inputs(tmp_path):
 def test_shipped_weights_are_those_of_the_onnx_model():
     torch = pytest.importorskip("torch")
     from pipeline.modelcard import load_card
-    from workflows.train.artefacts import build_model, with_sigmoid
+    from workflows.train.artefacts import build_model, card_architecture, with_sigmoid
     from workflows.train.onnx_export import max_abs_diff_onnx_torch
 
     card = load_card(MODEL_DIR)
-    arch = {k: v for k, v in card.model_extra["architecture"].items() if k in ("c0", "widths", "dilated_from")}
+    arch = card_architecture(card)
     model = build_model(arch)
     model.load_state_dict(torch.load(MODEL_DIR / "model.pt", map_location="cpu"))
     model.eval()

@@ -1,7 +1,6 @@
 """A tiny training run of the artefact U-Net exports a working ONNX model with a complete card."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ def test_tiny_training_run_exports_a_working_model(tmp_path):
     from stages.artefacts import ARTEFACT_CLASSES, Artefacts, ArtefactsConfig
     from workflows.train.artefacts import load_set, main
 
-    t0 = time.perf_counter()
     assert main(["--quick", "--steps", "3", "--finetune-steps", "2", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work")]) == 0
     card = load_card(tmp_path / "model")
     assert card.classes == list(ARTEFACT_CLASSES) and set(card.thresholds) == set(ARTEFACT_CLASSES)
@@ -28,4 +26,3 @@ def test_tiny_training_run_exports_a_working_model(tmp_path):
     out = Artefacts().run({"exposure": tile}, ArtefactsConfig(model_dir=str(tmp_path / "model"), device="cpu"))
     mask = out["masks/artefacts"].planes[tile.bands[0]]
     assert mask.dtype == np.uint16 and mask.shape == tile.shape
-    assert time.perf_counter() - t0 < 30

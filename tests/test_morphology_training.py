@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ def test_tiny_training_run_exports_a_working_onnx_model(tmp_path):
     from workflows.train.morphology import main
     from workflows.train.stamps import simulate_release, tile_records
 
-    t0 = time.perf_counter()
     out = tmp_path / "morph"
     rc = main(["--out", str(out), "--workdir", str(tmp_path / "work"), "--tile-size", "256", "--train-tiles", "1",
                "--val-tiles", "1", "--epochs", "1", "--max-steps", "2", "--batch", "16", "--no-throughput"])
@@ -36,4 +34,3 @@ def test_tiny_training_run_exports_a_working_onnx_model(tmp_path):
     st = Morphology()
     t = st.run({"exposure": tile, "sky": prods["sky"], "objects": prods["objects"]}, st.Config(model_dir=str(out)))
     assert len(t["morphology"]) == len(prods["objects"])
-    assert time.perf_counter() - t0 < 120  # ~10 s of CPU on an idle core; generous for shared CI machines

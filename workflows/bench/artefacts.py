@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from stages.artefacts import ARTEFACT_BITS, ARTEFACT_CLASSES, MODEL_DIR, Artefacts, ArtefactsConfig, normalise, predict_probabilities
-from workflows.train.artefacts import (auc_from_hist, build_model, load_set, score_histograms, scores, simulate,
-                                       summarise, with_sigmoid, _bins)
+from workflows.train.artefacts import (auc_from_hist, build_model, card_architecture, load_set, score_histograms,
+                                       scores, simulate, summarise, with_sigmoid, _bins)
 
 
 def _fmt(v: float) -> str:
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "clean_lost": n_lost[v], "mask_applied": how[v]}
 
     # ---- speed: ONNX Runtime (the stage) and PyTorch, 1 thread, CPU seconds per MPix per band
-    arch = {k: v for k, v in card.model_extra.get("architecture", {}).items() if k in ("c0", "widths", "dilated_from")}
+    arch = card_architecture(card)
     model = build_model(arch)
     weights = "random (same architecture and cost)"
     wpath = Path(a.torch_weights) if a.torch_weights else Path(a.model) / "model.pt"

@@ -93,9 +93,9 @@ def artefact_model_speed(size: int, device: str) -> dict[str, Any]:
     torch = _torch_threads()
     pt = d / "model.pt"
     if torch is not None and pt.exists():
-        from workflows.train.artefacts import build_model, with_sigmoid
+        from workflows.train.artefacts import build_model, card_architecture, with_sigmoid
 
-        net = build_model(card.model_extra.get("architecture"))
+        net = build_model(card_architecture(card))
         net.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
         net = with_sigmoid(net).eval()
 

@@ -4,17 +4,15 @@
                                [--steps 4000] [--finetune-steps 1500] [--init W --init-card C]
                                [--threads 1] [--quick]
 
-The shipped model is three runs, each continuing the previous one's weights (``model.pt``, written
+The shipped model is two runs, the second continuing the first one's weights (``model.pt``, written
 beside the ONNX file) with its card (the training record nests); ``make models`` runs them:
 
-    surveypipe train artefacts --out out/train/artefacts/m2 --train-seeds 1000-1005 --finetune-steps 0
-    surveypipe train artefacts --out out/train/artefacts/m3 --init out/train/artefacts/m2/model.pt \
+    surveypipe train artefacts --out out/train/artefacts/m2 --steps 5500
+    surveypipe train artefacts --out stages/models/artefacts --init out/train/artefacts/m2/model.pt \
         --init-card out/train/artefacts/m2/card.json --steps 0
-    surveypipe train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt \
-        --init-card out/train/artefacts/m3/card.json --steps 0
 
-(4000 general steps on seeds 1000-1005, then twice 1500 fine-tuning steps, spikes vs trails, on
-seeds 1000-1011.)
+(5500 general steps, then twice 1500 fine-tuning steps, spikes vs trails, all on seeds
+1000-1011; the default architecture is the space-to-depth U-Net of :func:`build_model`.)
 
 1. Simulates (or reuses, in ``--work``) training releases (seeds 1000-1999) whose tiles carry
    artefacts from :func:`workflows.mock.artefacts.inject_artefacts` at ``--train-density`` times the
@@ -56,7 +54,20 @@ NORMALISATION = {
     ],
     "function": "stages.artefacts.normalise",
 }
-ARCH_DEFAULT = {"c0": 12, "widths": [16, 32, 48, 64], "dilated_from": 2}
+ARCH_DEFAULT = {"s2d": True, "detail": True, "c0": 16, "widths": [32, 48, 64], "dilated_from": 1}
+ARCH_KEYS = ("c0", "widths", "dilated_from", "s2d", "detail")  # what build_model reads
+
+
+def recorded_architecture(recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``build_model`` arguments in a card's ``architecture`` record (a card from before the
+    space-to-depth option has the full-resolution stem)."""
+    return {"s2d": False, "detail": False, **{k: v for k, v in (recorded or {}).items() if k in ARCH_KEYS}}
+
+
+def card_architecture(card: Any) -> dict[str, Any]:
+    """:func:`recorded_architecture` of a loaded model card."""
+    return recorded_architecture(card.model_extra.get("architecture"))
+
 # positive-pixel weights of the BCE: rare, small classes count more (thresholds are re-chosen on validation)
 POS_WEIGHT = {"cosmic_ray": 5.0, "satellite_trail": 2.0, "hot_column": 3.0, "dead_column": 3.0, "hot_pixel": 20.0,
               "saturation": 10.0, "diffraction_spike": 2.0}
@@ -72,7 +83,12 @@ def build_model(arch: dict[str, Any] | None = None, n_classes: int = len(ARTEFAC
     """A lean U-Net: full-resolution stem of ``c0`` channels, stride-2 encoder levels of ``widths``
     channels (3x3 convs, dilated by 2 from level ``dilated_from`` for a wide receptive field),
     transposed-conv (2x2, stride 2) upsampling *added* to the skip (no concatenation), one 3x3 conv
-    per decoder level, 1x1 head. Returns logits in training; the export wrapper adds the sigmoid."""
+    per decoder level, 1x1 head. Returns logits in training; the export wrapper adds the sigmoid.
+
+    ``s2d``: the stem starts with a space-to-depth step (each 2x2 pixel block becomes the 12 channels
+    of one half-resolution pixel, losslessly) and the head ends with the inverse (4 sub-pixel outputs
+    per class), so no convolution runs at full resolution, where the plain stem and last decoder
+    level spend most of the time (a single hot pixel still has its own input and output values)."""
     import torch
     import torch.nn as nn
 
@@ -87,23 +103,44 @@ def build_model(arch: dict[str, Any] | None = None, n_classes: int = len(ARTEFAC
             super().__init__()
             c0, widths = int(arch["c0"]), [int(w) for w in arch["widths"]]
             ch = [c0, *widths]
-            self.stem = nn.Sequential(cbr(3, c0), cbr(c0, c0))
+            self.s2d = bool(arch.get("s2d", False))
+            if self.s2d:  # each 2x2 block of pixels becomes 4 channels of one: the stem runs at half resolution
+                # (a linear 2x2 stride-2 convolution, started as the exact space-to-depth permutation: ONNX
+                # Runtime runs it far faster than the Reshape/Transpose that PixelUnshuffle exports to)
+                s2d = nn.Conv2d(3, 12, 2, stride=2, bias=False)
+                with torch.no_grad():
+                    s2d.weight.zero_()
+                    for c in range(3):
+                        for k in range(4):
+                            s2d.weight[4 * c + k, c, k // 2, k % 2] = 1.0
+                self.stem = nn.Sequential(s2d, cbr(12, c0), cbr(c0, c0))
+            else:
+                self.stem = nn.Sequential(cbr(3, c0), cbr(c0, c0))
             self.down = nn.ModuleList([
                 nn.Sequential(cbr(ch[i], ch[i + 1], s=2), cbr(ch[i + 1], ch[i + 1], d=2 if i >= arch["dilated_from"] else 1))
                 for i in range(len(widths))])
             self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, 2) for i in range(len(widths))])
             self.dec = nn.ModuleList([cbr(ch[i], ch[i]) for i in range(len(widths))])
-            self.head = nn.Conv2d(c0, n_classes, 1)
-            self.stride = 2 ** len(widths)
+            if self.s2d:  # back to full resolution: 4 sub-pixel outputs per class and half-resolution pixel
+                self.head = nn.ConvTranspose2d(c0, n_classes, 2, stride=2)  # = 1x1 conv to 4 x classes + depth-to-space
+                # + a full-resolution 3x3 filter of the input added to the logits: a pixel-sharp term (a hot
+                # pixel, a cosmic-ray hit) that the half-resolution path gates with its context
+                self.detail = nn.Conv2d(3, n_classes, 3, padding=1) if arch.get("detail") else None
+            else:
+                self.head = nn.Conv2d(c0, n_classes, 1)
+            self.stride = 2 ** (len(widths) + int(self.s2d))
 
         def forward(self, x):
             skips = []
+            x0 = x
             x = self.stem(x)
             for d in self.down:
                 skips.append(x)
                 x = d(x)
             for i in reversed(range(len(self.down))):
                 x = self.dec[i](self.up[i](x) + skips[i])
+            if self.s2d and self.detail is not None:
+                return self.head(x) + self.detail(x0)
             return self.head(x)
 
     return LeanUNet()
@@ -564,10 +601,15 @@ def write_readme(out_dir: Path, card: Any) -> None:
                      f"{m.get('iou', float('nan')):.3f} | {m.get('iou_tol', float('nan')):.3f} |")
     lines += [
         "", "## Architecture", "",
-        f"{arch.get('type')}: full-resolution stem of {arch.get('c0')} channels, stride-2 encoder levels of "
+        f"{arch.get('type')}: "
+        + (f"space-to-depth input (each 2x2 pixel block becomes 12 channels of one half-resolution pixel), stem of "
+           f"{arch.get('c0')} channels at half resolution, " if arch.get("s2d") else
+           f"full-resolution stem of {arch.get('c0')} channels, ")
+        + f"stride-2 encoder levels of "
         f"{arch.get('widths')} channels (3x3 conv + BN + ReLU, dilation 2 from level {arch.get('dilated_from')}), "
-        "2x2 transposed-conv upsampling added to the skip, one 3x3 conv per decoder level, 1x1 head; "
-        f"{arch.get('parameters')} parameters. Dependency radius of an output pixel: {inf.get('dependency_radius')} px; "
+        "2x2 transposed-conv upsampling added to the skip, one 3x3 conv per decoder level, 1x1 head"
+        + (" to 4 sub-pixel outputs per class, depth-to-space back to full resolution; " if arch.get("s2d") else "; ")
+        + f"{arch.get('parameters')} parameters. Dependency radius of an output pixel: {inf.get('dependency_radius')} px; "
         f"the stage runs overlapping patches with {inf.get('margin')} px margins and keeps their cores, so the "
         "result does not depend on the patch size (no seams).", "",
         "## Training", "",
@@ -627,7 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     log = lambda s: print(s, flush=True)  # noqa: E731
     work = Path(a.work)
-    arch = {**ARCH_DEFAULT, **(json.loads(a.arch) if a.arch else {})}
+    # a continued run keeps the architecture its weights were trained with (old cards: the full-resolution stem)
+    recorded = recorded_architecture(json.loads(Path(a.init_card).read_text()).get("architecture")) if a.init_card else {}
+    arch = {**ARCH_DEFAULT, **recorded, **(json.loads(a.arch) if a.arch else {})}
     if "-" in a.train_seeds:
         lo, hi = (int(v) for v in a.train_seeds.split("-"))
         seeds = list(range(lo, hi + 1))

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                         "arcsinh(F_a - k F_b), k = the deflector's central flux ratio); 'none': the plain stamp "
                         "(16 epochs with 'g-i,r-i' validated no better: ROC AUC 0.9675, TPR at FPR 0.1 %% 0.4925; nor did 8 epochs "
                         "continued from the shipped model with --init: docs/deeplearning.md)")
+    p.add_argument("--mirror-residual", action="store_true",
+                   help="add one input plane per band inside the network: the stamp minus its 180-degree rotation "
+                        "(the point-symmetric deflector cancels, arcs remain)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights (model.pt) of this model directory, whose card's network must match or "
                         "lack only trailing --colour-residual planes (their first-layer weights then start at zero, "
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     net = {**S.NET_KWARGS, "tta": a.tta, "widths": [int(w) for w in a.widths.split(",")]}
     if resid:
         net["colour_residual"] = resid
+    if a.mirror_residual:
+        net["mirror_residual"] = True
     model = S.stamp_net(spec.channels, len(CLASSES), **net)
     init = None
     if a.init is not None:
