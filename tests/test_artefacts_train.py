@@ -26,3 +26,15 @@ def test_tiny_training_run_exports_a_working_model(tmp_path):
     out = Artefacts().run({"exposure": tile}, ArtefactsConfig(model_dir=str(tmp_path / "model"), device="cpu"))
     mask = out["masks/artefacts"].planes[tile.bands[0]]
     assert mask.dtype == np.uint16 and mask.shape == tile.shape
+
+
+def test_auc_histograms_count_pixels_the_network_is_sure_of():
+    """p = 1 or 0 exactly (float32 sigmoid saturation, the stage's saturation rule) still counts."""
+    from workflows.train.artefacts import auc_from_hist, score_histograms
+
+    prob = np.array([1.0, 1.0, 0.9, 0.2, 0.0, 0.0, 0.95], np.float32)
+    truth = np.array([True, True, True, False, False, False, False])
+    pos, neg = score_histograms(prob, truth)
+    assert pos.sum() == 3 and neg.sum() == 4
+    # the only inverted pair is (0.9 positive, 0.95 negative): 11 of 12 pairs ordered
+    assert auc_from_hist(pos, neg) == pytest.approx(11 / 12)

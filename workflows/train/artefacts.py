@@ -322,10 +322,12 @@ def _bins() -> np.ndarray:
 
 
 def score_histograms(prob: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Histograms of logit(p) for positive and negative pixels (for AUC and threshold choice)."""
+    """Histograms of logit(p) for positive and negative pixels (for AUC and threshold choice).
+    Logits beyond the bins go to the end bins: a pixel the network is sure of (p = 1 in float32,
+    or the stage's saturation rule) still counts."""
     p = np.clip(prob.astype(np.float64), 1e-9, 1 - 1e-9)
-    lg = np.log(p) - np.log1p(-p)
     b = _bins()
+    lg = np.clip(np.log(p) - np.log1p(-p), b[0], b[-1])
     pos = np.histogram(lg[target], b)[0]
     neg = np.histogram(lg[~target], b)[0]
     return pos, neg
