@@ -68,8 +68,9 @@ bench: install-dev
 	echo "make bench: $$(( $$(date +%s) - start )) s wall"; exit $$(( r1 || r2 || r3 ))
 
 models: install-dev
-	$(SP) train artefacts --out out/train/artefacts/m2 --steps 5500 && \
-	  $(SP) train artefacts --out stages/models/artefacts --init out/train/artefacts/m2/model.pt --init-card out/train/artefacts/m2/card.json --steps 0
+	A=out/train/artefacts; $(SP) train artefacts --out $$A/m2 --steps 5500 && \
+	  $(SP) train artefacts --out $$A/m3 --init $$A/m2/model.pt --init-card $$A/m2/card.json --steps 0 && \
+	  $(SP) train artefacts --out stages/models/artefacts --init $$A/m3/model.pt --init-card $$A/m3/card.json --steps 3000 --lr 1e-3
 	$(SP) train photoz --mock --workdir out/photoz_mock_v6 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
 	L=out/train/lenses; T="--train-scale 2 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 --workdir $$L/ts2_cache"; \

@@ -127,6 +127,15 @@ def test_widened_init_starts_from_the_init_models_exact_function():
     plain, resid = {**NET_KWARGS, "tta": 2}, {**NET_KWARGS, "tta": 2, "colour_residual": [[0, 2], [1, 2]]}
     assert continues_network(plain, resid) and continues_network(resid, resid)
     assert not continues_network(resid, plain) and not continues_network({**plain, "tta": 8}, resid)
+    # mirror planes come last: they may be added to any init, and an init's mirror planes must stay last
+    mirror, both = {**plain, "mirror_residual": True}, {**resid, "mirror_residual": True}
+    assert continues_network(plain, mirror) and continues_network(resid, both) and continues_network(plain, both)
+    assert not continues_network(mirror, plain) and not continues_network(mirror, both)
+    mirrored = stamp_net(3, 2, **mirror)
+    load_widened(mirrored, base.state_dict())
+    mirrored.eval()
+    with torch.no_grad():
+        assert torch.equal(base(x)[0], mirrored(x)[0])
 
 
 def test_dropping_faint_lenses_keeps_every_negative_and_aligned_columns():

@@ -430,19 +430,23 @@ def extended_metrics(score_val: np.ndarray, va: Any, score_extra: np.ndarray) ->
 
 def continues_network(init_net: dict[str, Any], net: dict[str, Any]) -> bool:
     """Whether a model of ``net`` can start from weights of ``init_net``: the same network, or one
-    that appends colour-residual planes to the init's (loaded by :func:`load_widened`)."""
+    that appends colour-residual planes and/or the mirror-residual planes (which come last) to the
+    init's (loaded by :func:`load_widened`)."""
     def rest(n: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in n.items() if k != "colour_residual"}
+        return {k: v for k, v in n.items() if k not in ("colour_residual", "mirror_residual")}
 
     ires, nres = list(init_net.get("colour_residual", [])), list(net.get("colour_residual", []))
+    imir, nmir = bool(init_net.get("mirror_residual")), bool(net.get("mirror_residual"))
+    if imir and (not nmir or nres != ires):  # the init's mirror planes must stay the last planes
+        return False
     return rest(init_net) == rest(net) and nres[:len(ires)] == ires
 
 
 def load_widened(model: Any, state: dict[str, Any]) -> None:
     """Load ``state`` into ``model``, whose first convolution may take more input planes than the state's.
 
-    The extra planes are the colour-residual planes a model adds to an ``--init`` model that had
-    fewer (they are appended after the stamp's channels): their first-layer weights start at zero,
+    The extra planes are the colour-residual (or mirror-residual) planes a model adds to an ``--init``
+    model that had fewer (they are appended after the stamp's channels): their first-layer weights start at zero,
     so training starts from exactly the init model's function and learns how much to use them."""
     import torch
 
