@@ -205,8 +205,9 @@ def test_card_is_complete_and_margin_covers_the_receptive_field():
     assert card.onnx_vs_torch_max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize("arch", [None, {"s2d": True, "c0": 16, "widths": [32, 48, 64], "dilated_from": 1}],
-                         ids=["full-resolution stem", "space-to-depth stem"])
+@pytest.mark.parametrize("arch", [{"s2d": False, "detail": False, "c0": 12, "widths": [16, 32, 48, 64], "dilated_from": 2},
+                                  None],
+                         ids=["full-resolution stem (models before 2026-12-07)", "default: space-to-depth stem + detail term"])
 def test_onnx_equals_torch_on_fresh_inputs(tmp_path, arch):
     torch = pytest.importorskip("torch")
     from workflows.train.artefacts import build_model, with_sigmoid
