@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                         "continued from the shipped model with --init: docs/deeplearning.md)")
     p.add_argument("--mirror-residual", action="store_true",
                    help="add one input plane per band inside the network: the stamp minus its 180-degree rotation "
-                        "(the point-symmetric deflector cancels, arcs remain)")
+                        "(the point-symmetric deflector cancels, arcs remain); tried, no gain on validation: "
+                        "workflows/train/stamps.py stamp_net")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights (model.pt) of this model directory, whose card's network must match or "
                         "lack only trailing --colour-residual planes (their first-layer weights then start at zero, "
