@@ -107,7 +107,7 @@ def build_model(arch: dict[str, Any] | None = None, n_classes: int = len(ARTEFAC
             c0, widths = int(arch["c0"]), [int(w) for w in arch["widths"]]
             ch = [c0, *widths]
             self.s2d = bool(arch.get("s2d", False))
-            if self.s2d:  # each 2x2 block of pixels becomes 4 channels of one: the stem runs at half resolution
+            if self.s2d:  # each 2x2 pixel block becomes 4 channels per input plane: the stem runs at half resolution
                 # (a linear 2x2 stride-2 convolution, started as the exact space-to-depth permutation: ONNX
                 # Runtime runs it far faster than the Reshape/Transpose that PixelUnshuffle exports to)
                 s2d = nn.Conv2d(3, 12, 2, stride=2, bias=False)
@@ -675,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     work = Path(a.work)
     # a continued run keeps the architecture its weights were trained with (old cards: the full-resolution stem)
-    recorded = recorded_architecture(json.loads(Path(a.init_card).read_text()).get("architecture")) if a.init_card else {}
+    init_card = json.loads(Path(a.init_card).read_text()) if a.init_card else {}
+    recorded = recorded_architecture(init_card.get("architecture")) if init_card else {}
     arch = {**ARCH_DEFAULT, **recorded, **(json.loads(a.arch) if a.arch else {})}
     if "-" in a.train_seeds:
         lo, hi = (int(v) for v in a.train_seeds.split("-"))
@@ -708,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     phases: list[dict[str, Any]] = []
     if a.init:
         model.load_state_dict(torch.load(a.init, map_location="cpu"))
-        prev = json.loads(Path(a.init_card).read_text()).get("training", {}) if a.init_card else {}
+        prev = init_card.get("training", {})
         phases.append({"phase": "initial weights", "from": a.init, "training": prev})
         log(f"train artefacts: starting from {a.init}")
     t_train = cpu_train = 0.0
