@@ -77,6 +77,27 @@ def test_bands_differ_and_same_rng_repeats():
     assert not np.array_equal(out[0][0], out[2][0])
 
 
+def test_spikes_take_their_light_from_the_star_not_add_it():
+    """A spider diffracts light out of the core: with spikes the star's total flux stays, its core dims."""
+    size, peak = 384, 0.5 * SAT  # unsaturated, so every pixel of the core can give up light
+    a = moffat_alpha(FWHM)
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = size / 2
+    model = (peak * (1 + ((xx - c) ** 2 + (yy - c) ** 2) / a**2) ** -3.0).astype(np.float32)
+    img = model.copy()
+    w = np.full(img.shape, 1 / (0.05 * SIG) ** 2, np.float32)  # a deep exposure: the arms stand out far from the core
+    stars = Table({"x": [c], "y": [c], "peak": [peak]})
+    truth = inject_artefacts(img, w, band="r", rng=np.random.default_rng(3), stars=stars, saturate=SAT,
+                             psf_fwhm_pix=FWHM, rates=ArtefactRates(spike_strength=(0.0125, 0.0125), spike_probability=1.0),
+                             classes=("diffraction_spike",))
+    assert np.count_nonzero(truth & ARTEFACT_BITS["diffraction_spike"]) > 0
+    assert abs(img.sum() / model.sum() - 1.0) < 2e-3                            # no light is added
+    ring = np.abs(np.hypot(xx - c, yy - c) - 2 * a) < 0.5
+    ratio = img[ring] / model[ring]
+    assert 0.93 < ratio.min() < 0.97                  # between the arms the star gave up ~4.3 s0 = 5 % ...
+    assert ratio.max() > 1.05                         # ... which the arms carry
+
+
 def test_bleed_trails_run_along_columns_from_the_core():
     img, w, stars = _sky(star_peak=30 * SAT)
     core = img >= SAT

@@ -28,8 +28,10 @@ What is injected (rates and ranges in :class:`ArtefactRates`; sigma = the pixel'
   readout direction), filling pixels to SATURATE; the last pixel takes the remainder.
 * ``diffraction_spike``: in 75 % of the band images (the others have none, so that a model must
   see a spike, not guess it from a bright star), four arms (two lines) per star at one orientation per band image,
-  surface brightness ``s0 * peak * alpha^2 / (r^2 + alpha^2)`` (s0 = 0.01-0.05, alpha the
-  Moffat core radius) with a Gaussian cross-section of the PSF's sigma.
+  surface brightness ``s0 * peak * alpha^2 / (r^2 + alpha^2)`` (s0 = 0.0025-0.0125, alpha the
+  Moffat core radius) with a Gaussian cross-section of the PSF's sigma. The four arms carry about
+  4.3 s0 of the star's flux, 1-5 %; a spider diffracts that light out of the core, so the same
+  flux is taken out of the star's (unsaturated) profile and the star's total stays its truth flux.
 
 Cosmic rays and hot pixels are scaled (not clipped) to stay below 0.9 SATURATE; other additive
 artefacts are capped at 0.95 SATURATE, so no artefact saturates by itself.
@@ -52,7 +54,7 @@ import numpy as np
 
 from stages.artefacts import ARTEFACT_BITS
 
-INJECTOR_VERSION = 4  # bump when what is injected changes (cached training sets are then re-simulated)
+INJECTOR_VERSION = 5  # bump when what is injected changes (cached training sets are then re-simulated)
 TRUTH_FRAC = 0.25
 TRUTH_NSIGMA = 1.0
 SPIKE_VS_STAR = 0.5
@@ -81,7 +83,7 @@ class ArtefactRates:
     hot_pixels_per_mpix: tuple[float, float] = (20.0, 300.0)
     hot_pixel_snr: tuple[float, float] = (8.0, 3000.0)
     bleed_factor: tuple[float, float] = (2.0, 6.0)
-    spike_strength: tuple[float, float] = (0.01, 0.05)
+    spike_strength: tuple[float, float] = (0.0025, 0.0125)
     spike_probability: float = 0.75       # per band image (25 %: a spider-free optic, no spikes at all)
     spikes: bool = True
 
@@ -121,14 +123,15 @@ class _Ctx:
     added: dict[str, int] = field(default_factory=dict)
 
     def add(self, cls: str, y0: int, x0: int, contrib: np.ndarray, peak: float | np.ndarray,
-            keep: np.ndarray | None = None) -> None:
+            keep: np.ndarray | None = None) -> float:
         """Add ``contrib`` at (y0, x0) (clipped to the image), capped below saturation; set truth bits
-        where it added ``min(TRUTH_FRAC * peak, TRUTH_NSIGMA * sigma)`` or more (and ``keep`` is True)."""
+        where it added ``min(TRUTH_FRAC * peak, TRUTH_NSIGMA * sigma)`` or more (and ``keep`` is True).
+        Returns the flux actually added."""
         ny, nx = self.image.shape
         h, w = contrib.shape
         ya, yb, xa, xb = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
         if ya >= yb or xa >= xb:
-            return
+            return 0.0
         c = contrib[ya - y0:yb - y0, xa - x0:xb - x0]
         if np.ndim(peak):
             peak = np.asarray(peak)[ya - y0:yb - y0, xa - x0:xb - x0]
@@ -142,6 +145,7 @@ class _Ctx:
             hit &= keep[ya - y0:yb - y0, xa - x0:xb - x0]
         self.truth[ya:yb, xa:xb][hit] |= B[cls]
         self.added[cls] = self.added.get(cls, 0) + 1
+        return float(c.sum(dtype=np.float64))
 
 
 # ------------------------------------------------------------------ cosmic rays and hot pixels
@@ -354,7 +358,16 @@ def add_spikes(ctx: _Ctx, rates: ArtefactRates, xs: np.ndarray, ys: np.ndarray, 
         tot *= r2 <= R * R
         contrib = tot.astype(np.float32)
         # visible part only: above a noise sigma (the Ctx rule) and above half the star's own light
-        ctx.add("diffraction_spike", ya, xa, contrib, np.float32(np.inf), keep=tot >= SPIKE_VS_STAR * star)
+        added = ctx.add("diffraction_spike", ya, xa, contrib, np.float32(np.inf), keep=tot >= SPIKE_VS_STAR * star)
+        _take_from_star(ctx, ya, xa, star, added / (pk * np.pi * alpha**2 / (MOFFAT_BETA - 1.0)))
+
+
+def _take_from_star(ctx: _Ctx, ya: int, xa: int, star: np.ndarray, frac: float) -> None:
+    """Dim the star's profile by ``frac`` (the light its spikes carry), where it is not saturated:
+    a spider diffracts light out of the core, it does not add any."""
+    img = ctx.image[ya:ya + star.shape[0], xa:xa + star.shape[1]]
+    unsat = img < np.float32(ctx.saturate) * np.float32(1 - 1e-6)
+    img[unsat] -= (frac * star[unsat]).astype(np.float32)
 
 
 def add_bleeds(ctx: _Ctx, rates: ArtefactRates, xs: np.ndarray, ys: np.ndarray, peaks: np.ndarray,
