@@ -23,7 +23,8 @@ from .dag import Dag
 from .errors import AlgorithmError, BadInputError, SurveypipeError
 from .manifest import Manifest
 from .rss import lifetime_peak_mb, phase_peak, release_free_heap
-from .stage import CAVEATS, Stage, cache_key, config_hash, model_sha256
+from .scratch import release
+from .stage import CAVEATS, ImageSet, Stage, cache_key, config_hash, model_sha256
 from .store import CatalogStore
 from .tile import TileData, load_tile
 
@@ -70,6 +71,14 @@ def _drop_dead_products(products: dict[str, Any], later: list[Stage], reuse: dic
     for p in dead:
         del products[p]
     return "exposure" in dead
+
+
+def _release_product_pages(products: dict[str, Any]) -> None:
+    """Hand back the resident pages of every file-backed product plane (e.g. the artefact masks) between
+    stages, as for the exposure: the next stage faults in only what it reads."""
+    for value in products.values():
+        if isinstance(value, ImageSet):
+            release(*value.planes.values())
 
 
 def process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_dir: str, *,
@@ -188,6 +197,7 @@ def _process_tile(manifest: Manifest, tile_id: str, config: PipelineConfig, out_
                 tile = None  # the exposure's last reader has run: its planes go before the next stage / the write
             elif tile is not None:
                 tile.release_pages()  # file-backed planes: the next stage faults in only the bands it reads
+            _release_product_pages(products)
             # the stage's freed temporaries go back to the kernel, so the next stage's peak starts from
             # what is still alive (photo-z, morphology and lenses peaked 70-100 MB lower on a 2048^2 tile)
             release_free_heap()

@@ -115,6 +115,24 @@ class PlaneFile:
         return a
 
 
+def plane_file(nbytes: int, what: str, directory: Path | None | bool = True) -> PlaneFile | None:
+    """A :class:`PlaneFile` of ``nbytes`` in ``directory`` (True: :func:`scratch_dir`), or None for the
+    heap: where no scratch is configured, or where the file cannot be made (a warning names ``what``)."""
+    d = scratch_dir() if directory is True else (directory or None)
+    if d is None:
+        return None
+    try:
+        return PlaneFile(d, nbytes)
+    except OSError as exc:
+        log.warning("%s: no scratch file in %s (%s); the planes stay in memory", what, d, exc)
+        return None
+
+
+def zeros(store: PlaneFile | None, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A zero plane from ``store``, or from the heap where there is none."""
+    return store.take(shape, dtype) if store is not None else np.zeros(shape, dtype)
+
+
 def _backing_map(a: np.ndarray) -> mmap.mmap | None:
     base = a
     while isinstance(base, np.ndarray):

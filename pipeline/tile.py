@@ -22,7 +22,6 @@ the heap.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +30,7 @@ import numpy as np
 
 from .errors import BadInputError
 from .manifest import BandFile, HduRef, InnerRegion, Manifest, TileSpec
-from .scratch import PlaneFile, plane_bytes, release, scratch_dir
+from .scratch import PlaneFile, plane_bytes, plane_file, release, scratch_dir
 
 NJY_ZEROPOINT = 31.4  # AB magnitude of 1 nJy
 WCS_KEYS = ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2")
@@ -399,16 +398,9 @@ def _load_band(tile: str, plan: _BandPlan) -> tuple[np.ndarray, np.ndarray, np.n
 
 # ------------------------------------------------------------------------------ the tile
 def _plane_file(tile: str, plans: list[_BandPlan], scratch: Path | None) -> PlaneFile | None:
-    if scratch is None:
-        return None
     h, w = plans[0].image.shape
     per_band = sum(plane_bytes((h, w), dt) for dt in (np.float32, np.float32, np.bool_))  # image, weight, bad
-    try:
-        return PlaneFile(scratch, per_band * len(plans))
-    except OSError as exc:
-        logging.getLogger(__name__).warning("tile %s: no scratch file in %s (%s); pixel planes stay in memory",
-                                            tile, scratch, exc)
-        return None
+    return plane_file(per_band * len(plans), f"tile {tile}: pixel planes", scratch)
 
 
 def _to_scratch(planes: tuple[np.ndarray, ...], store: PlaneFile) -> tuple[np.ndarray, ...]:

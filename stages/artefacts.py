@@ -378,6 +378,7 @@ class Artefacts(Stage):
 
     def run(self, inputs: Mapping[str, Any], config: ArtefactsConfig) -> dict[str, Any]:
         from pipeline.onnx import on_cuda, run, run_into, session, shrinking_run_options
+        from pipeline.scratch import plane_bytes, plane_file, release, zeros
 
         tile = inputs["exposure"]
         mdir = self._dir(config)
@@ -407,13 +408,17 @@ class Artefacts(Stage):
             return run_into(sess, {in_name: x}, out_buf[shape])
 
         planes, probs = {}, {}
+        # the masks (8 MB a band on 2048²) live in a scratch file like the exposure's planes: a band's
+        # pages go back once it is done, rather than all bands' staying under every later stage's peak
+        store = plane_file(sum(plane_bytes(tile.shape, np.uint16) for _ in tile.bands),
+                           f"tile {getattr(tile, 'tile_id', '?')}: artefact masks")
         sat_k = ARTEFACT_CLASSES.index("saturation")
         thr_v = np.array([thr[c] for c in ARTEFACT_CLASSES], np.float32)
         bit_v = [np.uint16(ARTEFACT_BITS[c]) for c in ARTEFACT_CLASSES]
         for band in tile.bands:
             x = BandInput(tile.image[band], tile.weight[band], tile.bad[band], card.normalisation)
             shape = x.shape[1:]
-            mask = np.zeros(shape, np.uint16)
+            mask = zeros(store, shape, np.uint16)
             pq = np.zeros((len(ARTEFACT_CLASSES),) + shape, np.uint8) if config.probabilities else None
 
             def sink(y0: int, y1: int, x0: int, x1: int, p: np.ndarray) -> None:
@@ -426,6 +431,7 @@ class Artefacts(Stage):
             predict_probabilities(fn, x, core=core, margin=margin, stride=stride, sink=sink)
             del x
             tile.release_pages(band)  # file-backed planes: only the band in hand stays resident
+            release(mask)
             planes[band] = mask
             if pq is not None:
                 for k, cls in enumerate(ARTEFACT_CLASSES):
@@ -443,6 +449,7 @@ class Artefacts(Stage):
                 if config.probabilities:
                     probs[f"{band}_saturation"][sat_hit] = 255
             tile.release_pages(band)
+            release(mask)
         attrs = {"bits": ARTEFACT_BITS.as_attrs(), "descriptions": ARTEFACT_BITS.describe(),
                  "model": card.name, "model_version": card.version, "model_sha256": card.sha256,
                  "thresholds": {c: float(thr[c]) for c in ARTEFACT_CLASSES}}

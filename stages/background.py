@@ -234,7 +234,8 @@ class Background(Stage):
                     bad = bad | art
                     w = np.where(art, np.float32(0), w)
             planes[band] = (img, bad, w, sat)
-            release(img, bad, w)  # file-backed planes (pipeline.scratch): only the band in hand stays resident
+            # file-backed planes (pipeline.scratch): only the band in hand stays resident
+            release(img, bad, w, getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None)
         src = source_mask({b: p[:3] for b, p in planes.items()}, config) if config.mask_sources else None
         for band in tile.bands:
             img, bad, w, sat = planes[band]

@@ -777,7 +777,8 @@ class Photometry(Stage):
             band_flags |= flags_b
             psf_sum += f_p
             kron_sum += f_k
-            release(img, wt, getattr(sky, "bad", {}).get(band))  # file-backed planes (pipeline.scratch): done with this band
+            # file-backed planes (pipeline.scratch): done with this band
+            release(img, wt, getattr(sky, "bad", {}).get(band), getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None)
             release_free_heap()  # and the band's freed stamps: the heap would keep them, fragmented, under the next band's
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(kron_sum > 0, psf_sum / kron_sum, 1.0)

@@ -111,7 +111,7 @@ def test_a_full_scratch_disk_falls_back_to_the_heap(tiny_release, tmp_path, monk
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     tile = load_tile(m, m.tiles[0], scratch=tmp_path)
     assert scratch._backing_map(tile.image[tile.bands[0]]) is None
-    assert "pixel planes stay in memory" in caplog.text and "t0000" in caplog.text
+    assert "pixel planes" in caplog.text and "stay in memory" in caplog.text and "t0000" in caplog.text
 
 
 def test_catalogue_is_identical_with_planes_in_the_heap_or_on_disk(tmp_path, monkeypatch):
@@ -127,3 +127,22 @@ def test_catalogue_is_identical_with_planes_in_the_heap_or_on_disk(tmp_path, mon
     assert len(a) > 10 and list(a) == list(b)
     for c in a:
         assert np.array_equal(np.asarray(a[c]), np.asarray(b[c]), equal_nan=np.asarray(a[c]).dtype.kind == "f"), c
+
+
+@linux_only
+def test_artefact_masks_live_in_the_scratch_and_equal_the_heap_masks(tmp_path, monkeypatch):
+    from stages.artefacts import Artefacts, ArtefactsConfig
+
+    manifest, _ = make_release(tmp_path / "release", n_tiles=1, size=256, bands=("g", "r"), n_src=20)
+    m = load_manifest(manifest)
+    masks = {}
+    for mode in ("memory", str(tmp_path)):
+        monkeypatch.setenv(scratch.SCRATCH_ENV, mode)
+        tile = load_tile(m, m.tiles[0])
+        out = Artefacts().run({"exposure": tile}, ArtefactsConfig(device="cpu"))["masks/artefacts"].planes
+        masks[mode] = out
+    heap, disk = masks.values()
+    assert all(scratch._backing_map(p) is None for p in heap.values())
+    assert all(scratch._backing_map(p) is not None for p in disk.values())
+    for b in heap:
+        assert disk[b].dtype == np.uint16 and np.array_equal(heap[b], disk[b]), b
