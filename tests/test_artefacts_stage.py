@@ -17,7 +17,7 @@ SIZE = 256
 VISIBLE = ArtefactRates(cosmic_rays_per_mpix=(400.0, 400.0), cr_peak_snr=(30.0, 1000.0), trails_per_kpix=30.0,
                         trail_peak_snr=(5.0, 50.0), hot_columns_per_kpix=8.0, hot_column_snr=(8.0, 50.0),
                         dead_columns_per_kpix=8.0, hot_pixels_per_mpix=(400.0, 400.0), hot_pixel_snr=(30.0, 1000.0),
-                        bleed_factor=(4.0, 6.0), spike_strength=(0.03, 0.05), spike_probability=1.0)
+                        bleed_factor=(4.0, 6.0), spike_strength=(0.0125, 0.025), spike_probability=1.0)
 
 
 def _release(root: Path, seed: int, injector=None, size: int = SIZE, bands: str = "r"):

@@ -28,10 +28,12 @@ What is injected (rates and ranges in :class:`ArtefactRates`; sigma = the pixel'
   readout direction), filling pixels to SATURATE; the last pixel takes the remainder.
 * ``diffraction_spike``: in 75 % of the band images (the others have none, so that a model must
   see a spike, not guess it from a bright star), four arms (two lines) per star at one orientation per band image,
-  surface brightness ``s0 * peak * alpha^2 / (r^2 + alpha^2)`` (s0 = 0.0025-0.0125, alpha the
-  Moffat core radius) with a Gaussian cross-section of the PSF's sigma. The four arms carry about
-  4.3 s0 of the star's flux, 1-5 %; a spider diffracts that light out of the core, so the same
-  flux is taken out of the star's (unsaturated) profile and the star's total stays its truth flux.
+  surface brightness ``s0 * peak * alpha^2 / (r^2 + alpha^2)`` (s0 = 0.0025-0.025 log-uniform, alpha
+  the Moffat core radius) with a Gaussian cross-section of the PSF's sigma. The four arms carry
+  about 4.3 s0 of the star's flux, 1-10 % (a spider's vanes diffract about the 1-2 % of the pupil
+  they cover; the upper half of the range keeps brighter optics inside what the model has seen);
+  the spider takes that light out of the core, so the same flux is taken out of the star's
+  (unsaturated) profile and the star's total stays its truth flux.
 
 Cosmic rays and hot pixels are scaled (not clipped) to stay below 0.9 SATURATE; other additive
 artefacts are capped at 0.95 SATURATE, so no artefact saturates by itself.
@@ -54,7 +56,7 @@ import numpy as np
 
 from stages.artefacts import ARTEFACT_BITS
 
-INJECTOR_VERSION = 5  # bump when what is injected changes (cached training sets are then re-simulated)
+INJECTOR_VERSION = 6  # bump when what is injected changes (cached training sets are then re-simulated)
 TRUTH_FRAC = 0.25
 TRUTH_NSIGMA = 1.0
 SPIKE_VS_STAR = 0.5
@@ -83,7 +85,7 @@ class ArtefactRates:
     hot_pixels_per_mpix: tuple[float, float] = (20.0, 300.0)
     hot_pixel_snr: tuple[float, float] = (8.0, 3000.0)
     bleed_factor: tuple[float, float] = (2.0, 6.0)
-    spike_strength: tuple[float, float] = (0.0025, 0.0125)
+    spike_strength: tuple[float, float] = (0.0025, 0.025)
     spike_probability: float = 0.75       # per band image (25 %: a spider-free optic, no spikes at all)
     spikes: bool = True
 
