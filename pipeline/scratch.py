@@ -6,7 +6,9 @@ last cutout, under every stage's own working set. Backed by a file mapping (``MA
 plane's pages can be handed back with ``madvise(MADV_DONTNEED)`` once a band is done: its contents
 stay in the page cache (clean or dirty, never lost) and come back on the next touch as minor faults,
 while the kernel may write them out and reclaim them under memory pressure. Measured on a 2048² × 6
-tile, the resident floor between stages dropped from 430 to 214 MB at the same run time.
+tile, the resident floor between stages dropped from 430 to 214 MB at the same run time. Stage
+products that are whole planes (the artefact stage's masks, 48 MB more) use the same mechanism
+(:func:`plane_file`), and the runner hands their pages back between stages too.
 
 The file is unnamed (``O_TMPFILE``, or unlinked at once), so a killed worker leaves nothing behind;
 its blocks are reserved up front (``posix_fallocate``), so a full disk is found before any pixel is
