@@ -410,7 +410,7 @@ class Artefacts(Stage):
         planes, probs = {}, {}
         # the masks (8 MB a band on 2048²) live in a scratch file like the exposure's planes: a band's
         # pages go back once it is done, rather than all bands' staying under every later stage's peak
-        store = plane_file(sum(plane_bytes(tile.shape, np.uint16) for _ in tile.bands),
+        store = plane_file(plane_bytes(tile.shape, np.uint16) * len(tile.bands),
                            f"tile {getattr(tile, 'tile_id', '?')}: artefact masks")
         sat_k = ARTEFACT_CLASSES.index("saturation")
         thr_v = np.array([thr[c] for c in ARTEFACT_CLASSES], np.float32)
