@@ -4,18 +4,21 @@
                                [--steps 4000] [--finetune-steps 1500] [--init W --init-card C]
                                [--threads 1] [--quick]
 
-The shipped model is three runs, each continuing the previous one's weights (``model.pt``, written
+The shipped model is four runs, each continuing the previous one's weights (``model.pt``, written
 beside the ONNX file) with its card (the training record nests); ``make models`` runs them:
 
     surveypipe train artefacts --out out/train/artefacts/m2 --steps 5500
     surveypipe train artefacts --out out/train/artefacts/m3 --init out/train/artefacts/m2/model.pt \
         --init-card out/train/artefacts/m2/card.json --steps 0
-    surveypipe train artefacts --out stages/models/artefacts --init out/train/artefacts/m3/model.pt \
+    surveypipe train artefacts --out out/train/artefacts/m4 --init out/train/artefacts/m3/model.pt \
         --init-card out/train/artefacts/m3/card.json --steps 3000 --lr 1e-3
+    surveypipe train artefacts --out stages/models/artefacts --init out/train/artefacts/m4/model.pt \
+        --init-card out/train/artefacts/m4/card.json --steps 0 --finetune-steps 3000
 
 (5500 general steps, 1500 fine-tuning steps (spikes vs trails), then 1500 more; 3000 general steps
-at a lower rate and 1500 fine-tuning steps; all on seeds 1000-1011. The default architecture is
-the space-to-depth U-Net of :func:`build_model`.)
+at a lower rate and 1500 fine-tuning steps; 3000 more fine-tuning steps; all on seeds 1000-1011,
+about 42 minutes on one core. The default architecture is the space-to-depth U-Net of
+:func:`build_model`.)
 
 1. Simulates (or reuses, in ``--work``) training releases (seeds 1000-1999) whose tiles carry
    artefacts from :func:`workflows.mock.artefacts.inject_artefacts` at ``--train-density`` times the
