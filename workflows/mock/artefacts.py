@@ -33,7 +33,8 @@ What is injected (rates and ranges in :class:`ArtefactRates`; sigma = the pixel'
   about 4.3 s0 of the star's flux, 1-10 % (a spider's vanes diffract about the 1-2 % of the pupil
   they cover; the upper half of the range keeps brighter optics inside what the model has seen);
   the spider takes that light out of the core, so the same flux is taken out of the star's
-  (unsaturated) profile and the star's total stays its truth flux.
+  unsaturated pixels: an unsaturated star's total stays its truth flux (a saturated one keeps the
+  part its clipped core cannot give up).
 
 Cosmic rays and hot pixels are scaled (not clipped) to stay below 0.9 SATURATE; other additive
 artefacts are capped at 0.95 SATURATE, so no artefact saturates by itself.
