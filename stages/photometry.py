@@ -614,8 +614,8 @@ class Photometry(Stage):
             sat = sky.saturated.get(band) if hasattr(sky, "saturated") else None
             sat = sat if sat is not None and sat.any() else None
             sat_yx = np.nonzero(sat) if sat is not None else None
-            art = getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None
-            art = np.asarray(art) if art is not None and np.any(art) else None
+            art_plane = getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None
+            art = np.asarray(art_plane) if art_plane is not None and np.any(art_plane) else None
             own_ap = np.zeros((n, napt + 1))   # aperture sums of each object's own model
             flags_b = np.zeros(n, np.uint32)   # this band's pixel flags (masked, saturated, artefacts)
             own_psf = np.zeros(n)              # sum of P w (own model)
@@ -778,7 +778,7 @@ class Photometry(Stage):
             psf_sum += f_p
             kron_sum += f_k
             # file-backed planes (pipeline.scratch): done with this band
-            release(img, wt, getattr(sky, "bad", {}).get(band), getattr(artefacts, "planes", {}).get(band) if artefacts is not None else None)
+            release(img, wt, getattr(sky, "bad", {}).get(band), art_plane)
             release_free_heap()  # and the band's freed stamps: the heap would keep them, fragmented, under the next band's
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(kron_sum > 0, psf_sum / kron_sum, 1.0)
