@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from workflows.bench import sextractor
+
 from workflows.bench import performance
 
 
@@ -31,6 +33,10 @@ def test_bench_performance_smoke_reports_scaling_with_its_machine_control(tmp_pa
         st = one["stages"][stage]
         assert st["seconds"] > 0 and 0 < st["first_tile_peak_rss_mb"] <= st["peak_rss_mb"]
     assert 0 < one["first_tile_peak_rss_mb"] <= max(one["peak_rss_mb"])
+    if sextractor.executable():  # SExtractor runs on our detection image: it finds the objects we find
+        ours, sex = res["our_detections"], res["sextractor_objects"]
+        assert ours > 20 and abs(sex - ours) <= 0.1 * ours
+        assert res["sextractor_s"] > 0 and res["ratio_pipeline"] > res["ratio_classical"] > 0
 
 
 def test_bench_performance_refuses_a_training_seed(tmp_path):

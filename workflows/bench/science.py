@@ -146,15 +146,10 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
         from stages.detection import detection_planes
 
         _, _, snr, nodata = detection_planes(tile, products["sky"], products["detections"].attrs)
-        settings = sextractor.Settings(thresh=det_cfg.thresh, minarea=det_cfg.minarea, deblend_nthresh=det_cfg.deblend_nthresh,
-                                       deblend_cont=det_cfg.deblend_cont, clean=det_cfg.clean, clean_param=det_cfg.clean_param,
-                                       apertures_pix=tuple(phot_cfg.apertures_pix), kron_factor=phot_cfg.kron_factor,
-                                       min_kron_radius=phot_cfg.min_kron_radius, back_size=cfgs[Background].mesh,
-                                       back_filtersize=cfgs[Background].filter_size)
+        settings = sextractor.matched_settings(det_cfg, phot_cfg, cfgs[Background])
         weights = {b: tile.weight[b] for b in tile.bands}
         if "masks/artefacts" in products:  # the same artefact mask for SExtractor: masked pixels get no weight
-            planes = products["masks/artefacts"].planes
-            weights = {b: np.where(planes[b] != 0, np.float32(0), w) if b in planes else w for b, w in weights.items()}
+            weights = sextractor.masked_weights(weights, products["masks/artefacts"].planes)
         with tempfile.TemporaryDirectory(dir=work, prefix=f"sex-{tile_id}-") as tmp:
             r = sextractor.run_dual(snr, (~nodata).astype(np.float32),
                                     {b: tile.image[b] for b in tile.bands}, weights, settings, tmp)

@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -53,6 +53,22 @@ class Settings:
     min_kron_radius: float = 3.5
     back_size: int = 64
     back_filtersize: int = 3
+
+
+def matched_settings(detection: Any, photometry: Any, background: Any) -> Settings:
+    """The SExtractor settings equal to the pipeline's stage configs (thresholds, deblending, cleaning,
+    apertures, Kron parameters, background mesh): both benchmarks compare like with like."""
+    return Settings(thresh=detection.thresh, minarea=detection.minarea, deblend_nthresh=detection.deblend_nthresh,
+                    deblend_cont=detection.deblend_cont, clean=detection.clean, clean_param=detection.clean_param,
+                    apertures_pix=tuple(photometry.apertures_pix), kron_factor=photometry.kron_factor,
+                    min_kron_radius=photometry.min_kron_radius, back_size=background.mesh,
+                    back_filtersize=background.filter_size)
+
+
+def masked_weights(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights with every pixel that a band's artefact mask flags set to zero: SExtractor with the
+    pipeline's artefact mask, as a user would run it next to a MaxiMask-like mask."""
+    return {b: np.where(masks[b] != 0, np.float32(0), w) if b in masks else w for b, w in weights.items()}
 
 
 @dataclass
