@@ -54,25 +54,29 @@ STRIDE_DEFAULT = 16
 
 
 # ------------------------------------------------------------------ normalisation (the card's recipe)
-def _bad_pixels(img: np.ndarray, w: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
-    badm = ~(np.isfinite(img) & np.isfinite(w) & (w > 0))
+def _good_pixels(img: np.ndarray, w: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+    """Pixels with data: finite image, finite positive weight, not in the input mask (in-place passes,
+    no temporaries the size of the plane beyond the result)."""
+    good = np.greater(w, 0)                # NaN weights compare False
+    good &= np.less(w, np.inf)
+    good &= np.isfinite(img)
     if bad is not None:
-        badm |= np.asarray(bad, bool)
-    return badm
+        np.greater(good, np.asarray(bad, bool), out=good)  # good and not bad
+    return good
 
 
 def weight_median(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None) -> float | None:
     """The median good weight of a band (channel 1's reference), from a regular subsample of at
     most ~250k good pixels; None when no pixel is good."""
     w = np.asarray(weight, np.float32)
-    wg = w[~_bad_pixels(np.asarray(image, np.float32), w, bad)]
+    wg = w[_good_pixels(np.asarray(image, np.float32), w, bad)]
     if not wg.size:
         return None
     return float(np.median(wg[:: max(1, wg.size // 250_000)]))
 
 
 def normalise(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, norm: Mapping[str, Any],
-              median_weight: float | None = None) -> np.ndarray:
+              median_weight: float | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """The network input of one band, ``(3, H, W)`` float32, as the model card's ``normalisation`` says.
 
     Channel 0: ``asinh(image * sqrt(weight) / asinh_scale)`` (per-pixel S/N, stretched);
@@ -82,29 +86,38 @@ def normalise(image: np.ndarray, weight: np.ndarray, bad: np.ndarray | None, nor
     Unit-free: the same for nJy or image units, for any depth. Every channel is per pixel once the
     median is known, so a window of a band with the band's ``median_weight`` (:func:`weight_median`)
     is exactly that window of the whole band's input (how the stage runs: no whole-band copy).
+    Written into ``out`` when given (a ``(3, H, W)`` float32 array or view), in place, one ufunc pass
+    at a time: the formula of every good pixel is the plain one, to the bit.
     """
     if norm.get("recipe", "snr_asinh_logw_bad") != "snr_asinh_logw_bad":
         raise ValueError(f"unknown normalisation recipe {norm.get('recipe')!r}")
     img = np.asarray(image, np.float32)
     w = np.asarray(weight, np.float32)
-    badm = _bad_pixels(img, w, bad)
-    good = ~badm
-    out = np.zeros((3,) + img.shape, np.float32)
-    if good.any():
-        med = median_weight
-        if med is None:
-            wg = w[good]
-            med = float(np.median(wg[:: max(1, wg.size // 250_000)]))  # a regular subsample is plenty
-        sw = np.sqrt(np.where(good, w, 0.0), dtype=np.float32)
-        snr = np.where(good, img, 0.0) * sw
-        np.arcsinh(snr / np.float32(norm.get("asinh_scale", 1.0)), out=out[0])
-        lo, hi = norm.get("logw_clip", (-5.0, 3.0))
-        with np.errstate(divide="ignore"):
-            lw = np.log(np.where(good, w, med) / med)
-        out[1] = np.clip(lw, lo, hi)
-        out[1][badm] = 0.0
-    out[2][badm] = 1.0
-    out[0][badm] = 0.0
+    if out is None:
+        out = np.empty((3,) + img.shape, np.float32)
+    good = _good_pixels(img, w, bad)
+    badm = ~good
+    np.copyto(out[2], badm)
+    c0, c1 = out[0], out[1]
+    if not good.any():
+        c0.fill(0.0)
+        c1.fill(0.0)
+        return out
+    med = median_weight
+    if med is None:
+        wg = w[good]
+        med = float(np.median(wg[:: max(1, wg.size // 250_000)]))  # a regular subsample is plenty
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # bad pixels: overwritten below
+        np.sqrt(w, out=c1)
+        np.multiply(img, c1, out=c1)
+        np.divide(c1, np.float32(norm.get("asinh_scale", 1.0)), out=c1)
+        np.arcsinh(c1, out=c0)
+        np.divide(w, np.float32(med), out=c1)
+        np.log(c1, out=c1)
+    lo, hi = norm.get("logw_clip", (-5.0, 3.0))
+    np.clip(c1, np.float32(lo), np.float32(hi), out=c1)
+    np.copyto(c0, np.float32(0), where=badm)
+    np.copyto(c1, np.float32(0), where=badm)
     return out
 
 
@@ -120,13 +133,13 @@ class BandInput:
     def window(self, ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
         """Rows ``ya:yb``, columns ``xa:xb`` of the input, zero beyond the image (the stride padding)."""
         h, w = self.shape[1:]
-        out = np.zeros((3, yb - ya, xb - xa), np.float32)
         y1, x1 = min(yb, h), min(xb, w)
+        inside = (y1, x1) == (yb, xb)
+        out = (np.empty if inside else np.zeros)((3, yb - ya, xb - xa), np.float32)
         if y1 > ya and x1 > xa:
             sl = (slice(ya, y1), slice(xa, x1))
-            out[:, :y1 - ya, :x1 - xa] = normalise(self.image[sl], self.weight[sl],
-                                                   None if self.bad is None else self.bad[sl], self.norm,
-                                                   median_weight=self.median_weight)
+            normalise(self.image[sl], self.weight[sl], None if self.bad is None else self.bad[sl], self.norm,
+                      median_weight=self.median_weight, out=out[:, :y1 - ya, :x1 - xa])
         return out
 
 
@@ -351,7 +364,8 @@ def _close_mask(mask: np.ndarray, tile: Any, band: str, config: ArtefactsConfig)
     close_line_gaps(mask, config.line_gap_px)
     fill_enclosed_holes(mask, config.fill_holes_px)
     if config.sharp_snr > 0:
-        usable = (mask == 0) & ~_bad_pixels(tile.image[band], tile.weight[band], tile.bad[band])
+        usable = _good_pixels(tile.image[band], tile.weight[band], tile.bad[band])
+        usable &= mask == 0
         mask[sharp_pixels(tile.image[band], tile.weight[band], usable, header_fwhm_pix(tile, band),
                           config.sharp_snr, config.sharp_margin)] |= np.uint16(ARTEFACT_BITS["cosmic_ray"])
 

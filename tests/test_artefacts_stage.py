@@ -147,6 +147,41 @@ def test_window_by_window_input_equals_the_whole_band_input_bit_for_bit():
     assert np.array_equal(whole, lazy)
 
 
+def test_normalise_in_place_equals_the_plain_formula_bit_for_bit():
+    """The stage's in-place normalisation gives the card's formula to the bit (the model was trained
+    on it), NaN and infinite images and weights, zero and negative weights and masked pixels included."""
+    rng = np.random.default_rng(4)
+    h, w = 97, 131
+    image = (rng.normal(0, 1, (h, w)) * rng.choice([1.0, 30.0, 3000.0], (h, w))).astype(np.float32)
+    weight = rng.uniform(0.01, 50.0, (h, w)).astype(np.float32)
+    image[rng.random((h, w)) < 0.01] = np.nan
+    image[rng.random((h, w)) < 0.01] = np.inf
+    weight[rng.random((h, w)) < 0.02] = 0.0
+    weight[rng.random((h, w)) < 0.01] = -1.0
+    weight[rng.random((h, w)) < 0.01] = np.nan
+    weight[rng.random((h, w)) < 0.01] = np.inf
+    bad = rng.random((h, w)) < 0.03
+    norm = {"recipe": "snr_asinh_logw_bad", "asinh_scale": 3.0, "logw_clip": (-2.0, 1.0)}
+
+    badm = ~(np.isfinite(image) & np.isfinite(weight) & (weight > 0)) | bad
+    good = ~badm
+    med = float(np.median(weight[good]))
+    ref = np.zeros((3, h, w), np.float32)
+    ref[0] = np.arcsinh(np.where(good, image, 0.0).astype(np.float32)
+                        * np.sqrt(np.where(good, weight, 0.0), dtype=np.float32) / np.float32(3.0))
+    with np.errstate(divide="ignore"):
+        ref[1] = np.clip(np.log(np.where(good, weight, med) / med), -2.0, 1.0)
+    ref[:2, badm] = 0.0
+    ref[2] = badm
+    assert 0.05 < badm.mean() < 0.2 and np.abs(ref[1][good]).max() > 0.9  # both clip ends and bad pixels exercised
+    with np.errstate(all="raise"):  # no warning escapes from the bad pixels
+        got = normalise(image, weight, bad, norm)
+    assert got.tobytes() == ref.tobytes()
+    out = np.full((3, h + 5, w + 7), 7.0, np.float32)
+    normalise(image, weight, bad, norm, out=out[:, :h, :w])
+    assert out[:, :h, :w].tobytes() == ref.tobytes() and np.all(out[:, h:, :] == 7.0)
+
+
 @pytest.mark.parametrize("s2d", [False, True], ids=["full-resolution", "space-to-depth"])
 def test_patching_matches_a_whole_pass_for_any_function(s2d):
     """The patch geometry alone: a random conv net of the card's stride and margin, odd tile size."""
