@@ -37,6 +37,8 @@ def test_bench_performance_smoke_reports_scaling_with_its_machine_control(tmp_pa
         ours, sex = res["our_detections"], res["sextractor_objects"]
         assert ours > 20 and abs(sex - ours) <= 0.1 * ours
         assert res["sextractor_s"] > 0 and res["ratio_pipeline"] > res["ratio_classical"] > 0
+        steady = res["steady_state"]  # one worker: every tile but its first
+        assert len(steady["tiles"]) == 3 and steady["ratio_pipeline"] > steady["ratio_classical"] > 0
 
 
 def test_bench_performance_refuses_a_training_seed(tmp_path):
