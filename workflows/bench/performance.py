@@ -209,7 +209,7 @@ def sextractor_run(manifest: Path, config: PipelineConfig, work: Path) -> dict[s
     (:func:`workflows.bench.sextractor.matched_settings`). The stages that make the detection image and
     the mask run first and are not timed, nor is the FITS writing for SExtractor, so SExtractor gets
     the detection image for free. Returns the seconds and the object counts; None when SExtractor is
-    not installed."""
+    not installed or the stage list lacks a stage that it is matched to."""
     from pipeline.cluster import limit_math_threads
     from pipeline.tile import load_tile
     from stages.detection import detection_planes
@@ -218,6 +218,8 @@ def sextractor_run(manifest: Path, config: PipelineConfig, work: Path) -> dict[s
     if sx.executable() is None:
         return None
     plan = {s.name: s for s in config.load_stages()}
+    if not {"background", "detection", "photometry"} <= set(plan):
+        return None
     cfgs = config.stage_configs(list(plan.values()))
     settings = sx.matched_settings(cfgs["detection"], cfgs["photometry"], cfgs["background"])
     m = load_manifest(manifest)
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         results["ratio_classical"] = (classical_s + read_s) / sx
         results["ratio_pipeline"] = (total_s + read_s) / sx
     else:
-        print("\nSExtractor: not available (install Debian's source-extractor: make system-packages)")
+        print("\nSExtractor: not run (it needs Debian's source-extractor, `make system-packages`, and the "
+              "background, detection and photometry stages in the stage list)")
     if not a.no_models:
         from workflows.bench.model_speed import model_speeds, print_model_speeds
 
