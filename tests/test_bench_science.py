@@ -29,6 +29,22 @@ def test_bench_science_smoke(tmp_path, capsys):
             if n:
                 assert abs((o - s) * n - (oo - so)) < 1e-6 and 0 <= oo <= n and 0 <= so <= n
         assert "found by ours only / by SExtractor only" in out
+        for who in ("ours", "sextractor"):  # every unmatched primary detection is put in one kind
+            pu = m["purity"][who]
+            assert sum(pu["unmatched_kinds"].values()) == round((1 - pu["overall"]) * pu["n"])
+
+
+def test_unmatched_detections_are_told_apart_by_their_nearest_true_object():
+    import numpy as np
+
+    tx, ty = np.array([0.0, 100.0, 200.0]), np.array([0.0, 100.0, 200.0])
+    matched = np.array([True, False, True])
+    # a second piece of object 0, an off-centre detection of object 1, a peak far from everything,
+    # and one just beyond two radii of object 2
+    dx, dy = np.array([3.0, 106.0, 300.0, 211.0]), np.array([0.0, 100.0, 300.0, 200.0])
+    kinds = science.unmatched_kinds(dx, dy, tx, ty, matched, radius=5.0)
+    assert kinds.tolist() == [0, 1, 2, 2]
+    assert science.unmatched_kinds(np.zeros(0), np.zeros(0), tx, ty, matched, 5.0).size == 0
 
 
 def test_bench_refuses_a_non_benchmark_seed(tmp_path):

@@ -157,6 +157,26 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
     return out
 
 
+UNMATCHED_KINDS = ("near_a_matched_object", "near_an_unmatched_object", "isolated")
+
+
+def unmatched_kinds(dx: np.ndarray, dy: np.ndarray, tx: np.ndarray, ty: np.ndarray, true_matched: np.ndarray,
+                    radius: float) -> np.ndarray:
+    """What each unmatched detection at (dx, dy) is, by its nearest true object within 2 match radii:
+    0 = that object was matched to another detection (a second piece of one object: a shred or a
+    duplicate), 1 = that object went unmatched (its detection's centroid lies beyond the match
+    radius), 2 = no true object that close (a noise peak or an artefact)."""
+    from scipy.spatial import cKDTree
+
+    out = np.full(dx.size, 2, np.int8)
+    if dx.size == 0 or tx.size == 0:
+        return out
+    d, j = cKDTree(np.c_[tx, ty]).query(np.c_[dx, dy], distance_upper_bound=2 * radius)
+    near = np.isfinite(d)
+    out[near] = np.where(true_matched[j[near]], 0, 1)
+    return out
+
+
 def _in_inner(inner: dict | None, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if not inner:
         return np.ones(x.size, bool)
@@ -170,7 +190,7 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
     radius = 1.0 / pixel_scale
     rows: dict[str, list] = {k: [] for k in ("tmag", "inner", "star", "iso", "sat", "m_ours", "m_sex")}
     flux_rows: list[dict[str, Any]] = []
-    pur: dict[str, list] = {"ours_mag": [], "ours_ok": [], "sex_mag": [], "sex_ok": []}
+    pur: dict[str, list] = {"ours_mag": [], "ours_ok": [], "sex_mag": [], "sex_ok": [], "ours_kind": [], "sex_kind": []}
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for res in results:
         tr = ATable.read(truth_dir / f"{res['tile']}.fits")
@@ -201,6 +221,8 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
         ok[mo[mo >= 0]] = True
         pur["ours_mag"].append(mag(o[f"{ref}_kronFlux"][prim]))
         pur["ours_ok"].append(ok[prim])
+        bad = prim[~ok[prim]]
+        pur["ours_kind"].append(unmatched_kinds(o["x"][bad], o["y"][bad], tx, ty, mo >= 0, radius))
         if "sex" in res:
             s = res["sex"]
             sp = np.flatnonzero(_in_inner(res["inner"], s["x"], s["y"]))
@@ -208,6 +230,8 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
             oks[ms[ms >= 0]] = True
             pur["sex_mag"].append(mag(s["flux"][ref]["auto"][sp]))
             pur["sex_ok"].append(oks[sp])
+            bad = sp[~oks[sp]]
+            pur["sex_kind"].append(unmatched_kinds(s["x"][bad], s["y"][bad], tx, ty, ms >= 0, radius))
         # close true pairs (both on this tile, the first in the inner region)
         from scipy.spatial import cKDTree
 
@@ -240,17 +264,19 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
     m90 = min(v["m90"] for v in lim.values())
     # ---- purity
     purity: dict[str, Any] = {}
-    for who, mk, okk in (("ours", "ours_mag", "ours_ok"), ("sextractor", "sex_mag", "sex_ok")):
+    for who, mk, okk, kk in (("ours", "ours_mag", "ours_ok", "ours_kind"), ("sextractor", "sex_mag", "sex_ok", "sex_kind")):
         if not pur[mk]:
             continue
         mm, ok = np.concatenate(pur[mk]), np.concatenate(pur[okk])
+        kinds = np.bincount(np.concatenate(pur[kk]).astype(np.int64), minlength=len(UNMATCHED_KINDS))
         bright = mm < m90
         purity[who] = {"above_m90": float(ok[bright].mean()) if bright.any() else None, "n_above_m90": int(bright.sum()),
                        "overall": float(ok.mean()) if ok.size else None, "n": int(ok.size),
                        "bins": [float(ok[(mm >= lo) & (mm < hi)].mean()) if np.any((mm >= lo) & (mm < hi)) else None
                                 for lo, hi in zip(edges[:-1], edges[1:])],
                        "bin_unmatched": [int(np.sum(~ok[(mm >= lo) & (mm < hi)])) for lo, hi in zip(edges[:-1], edges[1:])],
-                       "bin_n": [int(np.sum((mm >= lo) & (mm < hi))) for lo, hi in zip(edges[:-1], edges[1:])]}
+                       "bin_n": [int(np.sum((mm >= lo) & (mm < hi))) for lo, hi in zip(edges[:-1], edges[1:])],
+                       "unmatched_kinds": {k: int(v) for k, v in zip(UNMATCHED_KINDS, kinds)}}
     # ---- photometry and error calibration
     phot = photometric_accuracy(results, flux_rows, cat, ref, m90, have_sex)
     # ---- blend recovery
@@ -488,6 +514,11 @@ def report(metrics: dict[str, Any], thr: dict[str, Any], meta: dict[str, Any]) -
                 zip(c["bin_lo"], pu["ours"]["bin_unmatched"], pu["ours"]["bin_n"], pu["sextractor"]["bin_unmatched"],
                     pu["sextractor"]["bin_n"]) if a or b]
         L.append("  unmatched / all primary detections per measured-magnitude bin, ours vs SExtractor: " + "; ".join(rows))
+    if all("unmatched_kinds" in v for v in pu.values()):
+        L.append("  unmatched primary detections by their nearest true object within 2 match radii (matched to another "
+                 "detection: a shred or duplicate / unmatched: a centroid beyond the radius / none: noise or artefact):")
+        for who, v in pu.items():
+            L.append(f"    {who:10s}: " + ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in v["unmatched_kinds"].items()))
     L.append("")
     ph = metrics["photometry"]
     L.append(f"Photometric accuracy: (measured - true) {meta['ref']} magnitude [mag], median / sigma_MAD (N), unsaturated, inner")
