@@ -6,9 +6,7 @@ import json
 
 import pytest
 
-from workflows.bench import sextractor
-
-from workflows.bench import performance
+from workflows.bench import performance, sextractor
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -130,6 +130,16 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def with_first_flags(records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Each tile record with whether it was its worker's first tile (records come in completion order;
+    a worker is its last process id, the one that finished the tile)."""
+    seen: set[Any] = set()
+    for rec in records:
+        pid = (rec.get("pids") or [None])[-1]
+        yield rec, pid not in seen
+        seen.add(pid)
+
+
 def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, float]]:
     """Per stage: wall and CPU seconds per megapixel per band, summed over tiles, and the highest
     resident set of a worker while the stage ran (MB; None where not measurable), over all tiles
@@ -137,7 +147,6 @@ def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, fl
     kept from earlier tiles). The FITS read and Zarr write phases appear as ``(read)`` and
     ``(write)`` with their peaks only."""
     tot: dict[str, dict[str, Any]] = {}
-    seen: set[int] = set()
 
     def peak(d: dict[str, Any], v: float | None, first: bool) -> None:
         if v is None:
@@ -150,10 +159,7 @@ def stage_table(summary: RunSummary, mpix_band: float) -> dict[str, dict[str, fl
         out.update({f"({ph})": {"peak_rss_mb": rec.get(f"{ph}_peak_rss_mb")} for ph in ("read", "write")})
         return out
 
-    for rec in summary.records:  # completion order: a worker's first record is its first tile
-        pid = (rec.get("pids") or [None])[-1]
-        first = pid not in seen
-        seen.add(pid)
+    for rec, first in with_first_flags(summary.records):
         for name, st in phases(rec).items():
             d = tot.setdefault(name, {"peak_rss_mb": None, "first_tile_peak_rss_mb": None})
             if not name.startswith("("):
@@ -255,15 +261,10 @@ def steady_state_ratios(summary: RunSummary, sextractor_tile_s: dict[str, float]
     A worker's first tile also pays the lazy imports, the ONNX sessions, the model checks and the
     first growth of the heap: about 1.4 s on a 2048² x 6 tile here, once per worker. A release
     has thousands of tiles per worker, so these ratios are what it sees; None with no such tile."""
-    seen: set[Any] = set()
     ours_all = ours_classical = sex = 0.0
     tiles = []
-    for rec in summary.records:
-        pid = (rec.get("pids") or [None])[-1]
-        if pid not in seen:
-            seen.add(pid)
-            continue
-        if rec["tile"] not in sextractor_tile_s:
+    for rec, first in with_first_flags(summary.records):
+        if first or rec["tile"] not in sextractor_tile_s:
             continue
         st = rec.get("stages", {})
         read = rec.get("read_seconds", 0.0)
