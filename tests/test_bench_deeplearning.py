@@ -56,3 +56,14 @@ def test_lens_bench_saves_its_scores_and_compares_two_runs_stamp_by_stamp(tmp_pa
     assert deeplearning.main(TINY_LENS_BENCH + ["--out", str(tmp_path / "third"), "--compare-lens-scores", str(other)]) == 2
     err = capsys.readouterr().err
     assert str(other) in err and "stamps differ" in err
+
+
+def test_lens_bench_takes_validation_seeds_only_when_asked(tmp_path, capsys):
+    import numpy as np
+
+    assert deeplearning.main(TINY_LENS_BENCH + ["--lens-seed", "2400", "--out", str(tmp_path / "refused")]) == 2
+    assert "2400" in capsys.readouterr().err
+    out = tmp_path / "validation"
+    assert deeplearning.main(TINY_LENS_BENCH + ["--lens-seed", "2400", "--seed-purpose", "validation", "--out", str(out)]) == 0
+    with np.load(out / deeplearning.LENS_SCORES) as f:
+        assert f["label"].sum() == 60 and np.isfinite(f["score"]).all()

@@ -15,7 +15,8 @@ def test_bench_science_smoke(tmp_path, capsys):
         args.append("--no-sextractor")
     assert science.main(args) == 0
     out = capsys.readouterr().out
-    for text in ("Completeness vs true", "Purity", "Photometric accuracy", "Error calibration", "Throughput", "Goals:"):
+    for text in ("Completeness vs true", "Purity", "Photometric accuracy", "Astrometry", "Error calibration", "Throughput",
+                 "Goals:"):
         assert text in out
     res = json.loads((tmp_path / "bench" / "science.json").read_text())
     assert set(res) == {"meta", "metrics", "throughput", "goals"}
@@ -32,6 +33,37 @@ def test_bench_science_smoke(tmp_path, capsys):
         for who in ("ours", "sextractor"):  # every unmatched primary detection is put in one kind
             pu = m["purity"][who]
             assert sum(pu["unmatched_kinds"].values()) == round((1 - pu["overall"]) * pu["n"])
+        bright = m["astrometry"]["bins"][1]  # 20-22 mag: SExtractor's windowed positions come with its catalogue
+        assert bright["galaxies_sextractor_win"]["n"] == bright["galaxies_sextractor"]["n"] > 0
+    bright = m["astrometry"]["bins"][1]
+    # bright galaxies' centroids land well inside the 1" match radius (the mock's PSF FWHM is about 0.7")
+    assert bright["galaxies_ours"]["n"] > 0 and bright["galaxies_ours"]["median"] < 0.1
+
+
+def test_match_offsets_are_distances_to_the_matched_detection_and_nan_elsewhere():
+    import numpy as np
+
+    tx, ty = np.array([0.0, 10.0, 20.0]), np.array([0.0, 0.0, 0.0])
+    dx, dy = np.array([10.3, 0.0]), np.array([0.4, 0.0])
+    d = science.match_offsets(tx, ty, dx, dy, np.array([1, 0, -1]))
+    assert d[0] == 0.0 and abs(d[1] - 0.5) < 1e-12 and np.isnan(d[2])
+    assert np.isnan(science.match_offsets(tx, ty, np.zeros(0), np.zeros(0), np.full(3, -1))).all()
+
+
+def test_astrometry_bins_split_stars_from_galaxies_and_skip_unmatched_objects():
+    import numpy as np
+
+    n = 6
+    cat = {"inner": np.ones(n, bool), "sat": np.array([0, 0, 0, 0, 0, 1], bool),
+           "star": np.array([1, 1, 0, 0, 0, 0], bool), "tmag": np.array([18.0, 18.5, 21.0, 21.5, 21.2, 21.0]),
+           "d_ours": np.array([0.01, 0.03, 0.05, np.nan, 0.07, 9.0])}
+    a = science.astrometry(cat, have_sex=False)
+    first, second = a["bins"][0], a["bins"][1]
+    assert first["stars_ours"]["n"] == 2 and abs(first["stars_ours"]["median"] - 0.02) < 1e-12
+    assert first["galaxies_ours"]["n"] == 0 and first["galaxies_ours"]["median"] is None
+    # the unmatched (NaN) and the saturated galaxy are left out
+    assert second["galaxies_ours"]["n"] == 2 and abs(second["galaxies_ours"]["median"] - 0.06) < 1e-12
+    assert "stars_sextractor" not in first
 
 
 def test_unmatched_detections_are_told_apart_by_their_nearest_true_object():

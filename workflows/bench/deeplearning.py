@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-lens-scores", type=Path, default=None, metavar="NPZ",
                    help="another lens run's lens_scores.npz (same stamps): print the paired TPR differences")
     p.add_argument("--throughput-stamps", type=int, default=2048, help="stamps timed per model in the throughput part")
+    p.add_argument("--seed-purpose", default="benchmark", choices=["benchmark", "validation"], help=(
+        "range the morphology and lens seeds must come from: benchmark (the held-out default), or validation "
+        "seeds (2000-2999) for judging a trained model without looking at the benchmark sets"))
     p.add_argument("--skip", choices=["morphology", "lenses", "throughput"], action="append", default=[],
                    help="leave out a part (repeatable)")
     return p
@@ -95,7 +98,7 @@ def bench_morphology(a: argparse.Namespace, out: dict[str, Any], say) -> None:
     from workflows.train import stamps as S
 
     survey = S.survey_config()
-    S.check_purpose(a.morph_seed, "benchmark")
+    S.check_purpose(a.morph_seed, a.seed_purpose)
     workdir = (a.workdir or a.out / "tiles") / f"morph-seed{a.morph_seed}"
     t0 = time.perf_counter()
     manifest = S.simulate_release(workdir, a.morph_seed, a.tiles, a.tile_size, S.BANDS)
@@ -238,9 +241,9 @@ def _timed_tiles(manifest: Path, timing: dict[str, list]):
 LENS_PARTS = 4  # the lens benchmark set is made of this many independent parts (seeds base + 2 j, base + 2 j + 1)
 
 
-def _score_lens_part(job: tuple[int, dict[str, int], str, float, float, int, int | None]) -> dict[str, np.ndarray]:
+def _score_lens_part(job: tuple[int, dict[str, int], str, float, float, int, int | None, str]) -> dict[str, np.ndarray]:
     """Simulate and score one part of the lens benchmark set (runs in a worker process)."""
-    seed, counts, model_dir, max_mag, min_gi, field_px, pool_px = job
+    seed, counts, model_dir, max_mag, min_gi, field_px, pool_px, purpose = job
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from pipeline.onnx import run_batched, session
     from stages.morphology import load_stamp_model
@@ -252,7 +255,7 @@ def _score_lens_part(job: tuple[int, dict[str, int], str, float, float, int, int
     cut = S.CandidateCut(max_mag_i=max_mag, min_gi=min_gi)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "std", "label", "kind", "theta_e", "snr", "mag_i")}
     t_inf, t0 = 0.0, time.perf_counter()
-    for ls in S.lens_sets(seed, "benchmark", counts=counts, spec=spec, cut=cut, min_lens_snr=0.0,
+    for ls in S.lens_sets(seed, purpose, counts=counts, spec=spec, cut=cut, min_lens_snr=0.0,
                           field_px=field_px, pool_px=pool_px, progress=True):
         t1 = time.perf_counter()
         p, s = run_batched(sess, {spec.input_name: ls.x.astype(np.float32)}, batch=256, outputs=["probs", "probs_std"])
@@ -274,11 +277,11 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
     from workflows.train.lenses import tpr_at_fpr, tpr_n_fp
 
     model_dir = str(a.lens_model or Lenses().model_dir(Lenses.Config()))
-    S.check_purpose(a.lens_seed, "benchmark")
-    S.check_purpose(a.lens_seed + 2 * LENS_PARTS - 1, "benchmark")
+    S.check_purpose(a.lens_seed, a.seed_purpose)
+    S.check_purpose(a.lens_seed + 2 * LENS_PARTS - 1, a.seed_purpose)
     counts = {"lens": a.lenses, "ordinary": a.negatives, **{k: a.hard for k in S.HARD_KINDS}}
     parts = [(a.lens_seed + 2 * j, {k: v // LENS_PARTS + (1 if j < v % LENS_PARTS else 0) for k, v in counts.items()},
-              model_dir, 23.0, 1.0, a.field, a.pool) for j in range(LENS_PARTS)]
+              model_dir, 23.0, 1.0, a.field, a.pool, a.seed_purpose) for j in range(LENS_PARTS)]
     say("")
     say(f"LENSES  simulating {sum(counts.values())} stamps in {LENS_PARTS} parts (seeds {a.lens_seed}-"
         f"{a.lens_seed + 2 * LENS_PARTS - 1}, {a.jobs} process(es)): {counts}")
