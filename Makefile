@@ -84,7 +84,8 @@ models: install-dev
 	    --mine-seed 1320 $$T && \
 	  $(SP) train lenses --out $$L/ts2_hn4 --init $$L/ts2_hn3 --hard-negatives 5000 --mine-pool 200000 --mine-random 20000 \
 	    --mine-seed 1340 $$T && \
-	  cp $$L/ts2_hn4/model.onnx $$L/ts2_hn4/model.pt $$L/ts2_hn4/card.json $$L/ts2_hn4/README.md stages/models/lenses/
+	  cp $$L/ts2_hn4/model.onnx $$L/ts2_hn4/model.pt $$L/ts2_hn4/screen.onnx $$L/ts2_hn4/card.json $$L/ts2_hn4/README.md \
+	    stages/models/lenses/
 
 clean:
 	rm -rf out data/demo .pytest_cache

@@ -33,9 +33,16 @@ class ModelCard(BaseModel):
     thresholds: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict, description="seed, set size, epochs, time, code")
     metrics: dict[str, Any] = Field(default_factory=dict, description="held-out metrics")
+    screen: dict[str, Any] = Field(default_factory=dict, description=(
+        "optional cheaper first-pass graph of the same model: {onnx, sha256, threshold, ...}; a stage runs it on "
+        "every object and the main graph only where its score reaches the threshold"))
 
     def onnx_path(self, model_dir: Path) -> Path:
         return Path(model_dir) / self.onnx
+
+    def screen_path(self, model_dir: Path) -> Path | None:
+        """The first-pass ONNX file, or None when the card has no screen."""
+        return Path(model_dir) / self.screen["onnx"] if self.screen else None
 
 
 def sha256_file(path: Path) -> str:
@@ -55,6 +62,17 @@ def load_card(model_dir: str | Path) -> ModelCard:
     got = sha256_file(onnx)
     if got != card.sha256:
         raise ConfigError(f"model {str(onnx)!r}: sha256 {got[:12]}… does not match its card ({card.sha256[:12]}…)")
+    if card.screen:
+        missing = [k for k in ("onnx", "sha256", "threshold") if k not in card.screen]
+        if missing:
+            raise ConfigError(f"model card {str(card_path)!r}: its screen lacks {missing}")
+        sp = card.screen_path(model_dir)
+        if not sp.exists():
+            raise ConfigError(f"model card {str(card_path)!r} names the screen {card.screen['onnx']!r}, which does not exist")
+        got = sha256_file(sp)
+        if got != card.screen["sha256"]:
+            raise ConfigError(f"model {str(sp)!r}: sha256 {got[:12]}… does not match its card's screen "
+                              f"({str(card.screen['sha256'])[:12]}…)")
     return card
 
 

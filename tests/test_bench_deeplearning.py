@@ -39,6 +39,16 @@ def test_lens_bench_saves_its_scores_and_compares_two_runs_stamp_by_stamp(tmp_pa
     with np.load(first / deeplearning.LENS_SCORES) as f:
         saved = {k: f[k] for k in f.files}
     assert saved["label"].sum() == 60 and (saved["label"] == 0).sum() == 300 + 4 * 6
+    # the stage's scores: the full model's where the screen sent the stamp on, the screen's (below its threshold) elsewhere
+    from pipeline.modelcard import load_card
+    from stages.lenses import SHIPPED_MODEL
+
+    screen = load_card(SHIPPED_MODEL).screen
+    on = saved["rescored"].astype(bool)
+    assert np.array_equal(saved["score"][on], saved["score_full"][on])
+    if screen:
+        assert (saved["score"][~on] < screen["threshold"]).all() and on[saved["label"] == 1].mean() > 0.9
+        assert set(res["screen"]) >= {"rescored_fraction", "restricted_tpr_at_fpr_0.001"}
 
     # the same model on the same stamps: every paired difference is exactly zero
     second = tmp_path / "second"

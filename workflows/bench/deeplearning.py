@@ -249,23 +249,39 @@ def _score_lens_part(job: tuple[int, dict[str, int], str, float, float, int, int
     from stages.morphology import load_stamp_model
     from workflows.train import stamps as S
 
+    from stages.lenses import load_screen
+
     card, spec, _ = load_stamp_model(model_dir, "cpu")
     sess = session(card.onnx_path(Path(model_dir)), device="cpu")
+    screen = load_screen(card, Path(model_dir), "cpu")
     k_lens = card.classes.index("lens")
     cut = S.CandidateCut(max_mag_i=max_mag, min_gi=min_gi)
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("score", "std", "label", "kind", "theta_e", "snr", "mag_i")}
-    t_inf, t0 = 0.0, time.perf_counter()
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in LENS_SCORE_KEYS}
+    t_inf, t_screen, t0 = 0.0, 0.0, time.perf_counter()
     for ls in S.lens_sets(seed, purpose, counts=counts, spec=spec, cut=cut, min_lens_snr=0.0,
                           field_px=field_px, pool_px=pool_px, progress=True):
+        x = ls.x.astype(np.float32)
         t1 = time.perf_counter()
-        p, s = run_batched(sess, {spec.input_name: ls.x.astype(np.float32)}, batch=256, outputs=["probs", "probs_std"])
+        p, s = run_batched(sess, {spec.input_name: x}, batch=256, outputs=["probs", "probs_std"])
         t_inf += time.perf_counter() - t1
-        for k, v in (("score", p[:, k_lens]), ("std", s[:, k_lens]), ("label", ls.label), ("kind", ls.kind),
-                     ("theta_e", ls.theta_e), ("snr", ls.snr), ("mag_i", ls.mag_i)):
+        score, std, full = p[:, k_lens], s[:, k_lens], np.ones(len(x), bool)
+        if screen is not None:  # what the stage outputs: the screen's score where it stays below its threshold
+            t1 = time.perf_counter()
+            ps, ss = run_batched(screen, {spec.input_name: x}, batch=256, outputs=["probs", "probs_std"])
+            t_screen += time.perf_counter() - t1
+            full = ps[:, k_lens] >= float(card.screen["threshold"])
+            score, std = np.where(full, score, ps[:, k_lens]), np.where(full, std, ss[:, k_lens])
+        for k, v in (("score", score), ("std", std), ("score_full", p[:, k_lens]), ("rescored", full), ("label", ls.label),
+                     ("kind", ls.kind), ("theta_e", ls.theta_e), ("snr", ls.snr), ("mag_i", ls.mag_i)):
             cols[k].append(np.asarray(v))
     out = {k: np.concatenate(v) for k, v in cols.items()}
-    out["seconds"] = np.array([time.perf_counter() - t0 - t_inf, t_inf])
+    out["seconds"] = np.array([time.perf_counter() - t0 - t_inf - t_screen, t_inf, t_screen])
     return out
+
+
+#: per-stamp columns of the lens benchmark: ``score``/``std`` as the stage gives them (the screen's where it
+#: screens out), ``score_full`` the full model's on every stamp, ``rescored`` where the stage runs the full model
+LENS_SCORE_KEYS = ("score", "std", "score_full", "rescored", "label", "kind", "theta_e", "snr", "mag_i")
 
 
 def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
@@ -293,14 +309,17 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
             results = list(ex.map(_score_lens_part, parts))
     else:
         results = [_score_lens_part(p) for p in parts]
-    cols = {k: [r[k] for r in results] for k in ("score", "std", "label", "kind", "theta_e", "snr", "mag_i")}
-    sim_s = float(sum(r["seconds"][0] for r in results))
+    cols = {k: [r[k] for r in results] for k in LENS_SCORE_KEYS}
     t_inf = float(sum(r["seconds"][1] for r in results))
+    t_screen = float(sum(r["seconds"][2] for r in results))
     say(f"  ({time.perf_counter() - t0:.0f} s wall)")
     C = {k: np.concatenate(v) for k, v in cols.items()}
-    sim_s = time.perf_counter() - t0 - t_inf
+    sim_s = time.perf_counter() - t0 - t_inf - t_screen
     masks = lens_benchmark_masks(C)
     res: dict[str, Any] = {"counts": counts, "seconds_simulation": round(sim_s, 1), "seconds_inference": round(t_inf, 1)}
+    if not C["rescored"].all():
+        say(f"  the model's screen (one view) sends {C['rescored'].mean():.1%} of the stamps to the full model, as the "
+            f"stage does; the scores below are the stage's")
 
     def block(name: str, sc: np.ndarray, lb: np.ndarray) -> dict[str, Any]:
         r = {"n_pos": int(lb.sum()), "n_neg": int((lb == 0).sum()), "roc_auc": S.roc_auc(sc, lb)}
@@ -333,6 +352,7 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
                           "fpr_at_thr_0.1pct": float(np.mean(C["score"][m] > thr01))}
             say(f"    {kind:8s} n={hard[kind]['n']:5d}   {hard[kind]['fpr_at_thr_1pct']:.4f}   {hard[kind]['fpr_at_thr_0.1pct']:.4f}")
     res["hard_negatives"] = hard
+    res["screen"] = screen_effect(C, masks, say)
     scores_path = a.out / LENS_SCORES
     np.savez_compressed(scores_path, model_dir=np.array(model_dir), **C)
     res["scores_file"] = str(scores_path)
@@ -349,8 +369,32 @@ def bench_lenses(a: argparse.Namespace, out: dict[str, Any], say) -> None:
              float(np.mean(C["score"][m20] > thr01)) if m20.any() else float("nan"))
         res["tpr_by_theta_e_at_fpr_0.001"][f"{lo}-{hi}"] = r
         say(f"    theta_E {lo:.1f}-{hi:.1f}\"  n={int(m.sum()):5d}  {r[0]:.4f} | {r[1]:.4f}")
-    say(f"  (CPU time: simulation {sim_s:.0f} s, ONNX inference {t_inf:.0f} s for {len(C['score'])} stamps)")
+    say(f"  (CPU time: simulation {sim_s:.0f} s, ONNX inference {t_inf:.0f} s for {len(C['score'])} stamps with the "
+        f"full model, {t_screen:.0f} s with the screen)")
     out["lenses"] = res
+
+
+def screen_effect(C: dict[str, np.ndarray], masks: dict[str, np.ndarray], say) -> dict[str, Any]:
+    """What the stage's screen changes: the stamps it sends to the full model, and every TPR of the
+    stage's scores next to the full model's on every stamp (equal when nothing near the thresholds
+    was screened out)."""
+    from workflows.train import stamps as S
+    from workflows.train.lenses import tpr_at_fpr
+
+    ordinary = C["kind"] == S.LENS_KINDS.index("ordinary")
+    out: dict[str, Any] = {"rescored_fraction": float(C["rescored"].mean()),
+                           "rescored_fraction_ordinary": float(C["rescored"][ordinary].mean())}
+    if C["rescored"].all():
+        return out
+    say(f"  screen: {out['rescored_fraction']:.1%} of all stamps and {out['rescored_fraction_ordinary']:.1%} of the "
+        f"ordinary negatives re-scored by the full model; TPR, stage's scores vs the full model on every stamp:")
+    for name, m in masks.items():
+        lb = C["label"][m].astype(int)
+        for f in (0.01, 0.001):
+            got, full = tpr_at_fpr(C["score"][m], lb, f)[0], tpr_at_fpr(C["score_full"][m], lb, f)[0]
+            out[f"{name}_tpr_at_fpr_{f:g}"] = [got, full]
+            say(f"    {name:10s} TPR at FPR {100 * f:g} %: {got:.4f} vs {full:.4f}")
+    return out
 
 
 LENS_SCORES = "lens_scores.npz"

@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-neg-seed", type=int, default=2200, help="seed of the extra validation negatives (2000-2999)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement (smoke tests)")
+    p.add_argument("--no-screen", action="store_true", help=(
+        "do not give the model a one-view screen (workflows.train.lens_screen; by default one is exported and its "
+        "threshold set on the validation sets)"))
     return p
 
 
@@ -298,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
                  **metrics, "onnx_vs_torch_max_abs_diff": diff, "throughput": thr},
     )
     write_readme(a.out, card)
+    if not a.no_screen:
+        from pipeline.modelcard import load_card
+
+        from .lens_screen import add_screen
+
+        try:
+            add_screen(a.out, [va] + ([xneg] if xneg is not None else []), log=lambda m: print(f"train lenses: {m}", flush=True))
+            write_readme(a.out, load_card(a.out))
+        except ValueError as exc:  # tiny smoke-test sets: too few negatives to place the line
+            print(f"train lenses: no screen ({exc})", flush=True)
     print(f"train lenses: simulate {t_sim:.0f} s, train {t_train:.0f} s ({log['steps']} steps), "
           f"total {time.perf_counter() - t_start:.0f} s", flush=True)
     print(f"train lenses: validation ROC AUC {metrics['roc_auc']}, TPR at FPR 1% {metrics['tpr_at_fpr_0.01']}, "
@@ -508,6 +521,16 @@ def _chain(t: dict[str, Any]) -> list[str]:
     return cmds[::-1]
 
 
+def screen_section(sc: dict[str, Any]) -> list[str]:
+    """The README lines that describe a card's screen (``card.screen``)."""
+    return ["", "## Screen", "", f"`{sc.get('onnx')}`: {sc.get('meaning')}. Threshold {sc.get('threshold')}: "
+            f"{sc.get('rule')} (lowest such screen score {sc.get('lowest_screen_score_above_the_line')}, "
+            f"{sc.get('n_above_the_line')} stamps). It sends {sc.get('ordinary_negatives_passing')} of the ordinary "
+            f"validation negatives and {sc.get('lenses_passing')} of the lenses to the full model; CPU seconds full vs "
+            f"screen on {sc.get('n_validation_stamps')} stamps: {sc.get('cpu_seconds_full_vs_screen')}. Made by "
+            "`surveypipe train lens_screen` (or at the end of `surveypipe train lenses`)."]
+
+
 def write_readme(out: Path, card: Any) -> None:
     m, t = card.metrics, card.training
     lines = [f"# {card.name} v{card.version}", "",
@@ -554,7 +577,8 @@ def write_readme(out: Path, card: Any) -> None:
                 f"{m['extended'].get('tpr_at_fpr_0.01_theta_e_gt_1.4_snr_gt_20')}, at 0.1 % "
                 f"{m['extended'].get('tpr_at_fpr_0.001_theta_e_gt_1.4_snr_gt_20')}; hard kinds above the FPR-1 % / "
                 f"0.1 % thresholds {m['extended'].get('fpr_by_kind')}"] if m.get("extended") else []), "",
-             "The benchmark with >= 1e5 negatives: `surveypipe bench deeplearning`.", "", "Full card: `card.json`.", ""]
+             *(screen_section(card.screen) if card.screen else []),
+             "", "The benchmark with >= 1e5 negatives: `surveypipe bench deeplearning`.", "", "Full card: `card.json`.", ""]
     (Path(out) / "README.md").write_text("\n".join(lines))
 
 
