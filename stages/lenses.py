@@ -84,21 +84,6 @@ def load_screen(card: Any, model_dir: Path, device: str) -> Any | None:
     return sess
 
 
-def screened_scores(x: np.ndarray, input_name: str, screen: Any, full: Any, threshold: float, k: int,
-                    batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(score, std, rescored mask) of class ``k`` for stamps ``x``: the screen on every stamp, the full
-    model where the screen's score is at least ``threshold`` (what the stage does, for benchmarks)."""
-    from pipeline.onnx import run_batched
-
-    p, s = run_batched(screen, {input_name: x}, batch=batch, outputs=["probs", "probs_std"])
-    score, std = p[:, k].copy(), s[:, k].copy()
-    again = score >= threshold
-    if again.any():
-        p, s = run_batched(full, {input_name: x[again]}, batch=batch, outputs=["probs", "probs_std"])
-        score[again], std[again] = p[:, k], s[:, k]
-    return score, std, again
-
-
 def kron_mag(objects: Any, band: str) -> np.ndarray:
     f = np.asarray(objects[f"{band}_kronFlux"], np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

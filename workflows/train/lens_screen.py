@@ -108,7 +108,7 @@ def _screen_entry(model_dir: Path, card: Any, path: Path, diff: float, sets: Seq
     from . import stamps as S
 
     k = list(card.classes).index("lens")
-    name = card.inputs and next(iter(card.inputs)) or "stamps"
+    name = next(iter(card.inputs), "input")  # the stamp input's name (one input)
     full_s, screen_s = session(card.onnx_path(model_dir), device="cpu"), session(path, device="cpu")
     scores: dict[str, list[np.ndarray]] = {"full": [], "screen": [], "label": [], "ordinary": []}
     t_full = t_screen = 0.0
