@@ -84,6 +84,11 @@ def load_screen(card: Any, model_dir: Path, device: str) -> Any | None:
     return sess
 
 
+def passes_screen(card: Any, screen_score: np.ndarray) -> np.ndarray:
+    """Which candidates the full model scores after the card's screen: screen score at least its threshold."""
+    return np.asarray(screen_score) >= float(card.screen["threshold"])
+
+
 def kron_mag(objects: Any, band: str) -> np.ndarray:
     f = np.asarray(objects[f"{band}_kronFlux"], np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -168,7 +173,7 @@ class Lenses(StampModelStage):
             score[rows], err[rows] = p[:, k_lens], s[:, k_lens]
             flags[rows] |= copy_stamp_flags(sf, LENS_FLAGS)
             if screen is not None:
-                again = p[:, k_lens] >= float(card.screen["threshold"])
+                again = passes_screen(card, p[:, k_lens])
                 flags[rows[~again]] |= np.uint16(LENS_FLAGS["screened"])
                 rows_full = rows[again]
                 n_full = rows_full.size

@@ -249,7 +249,7 @@ def _score_lens_part(job: tuple[int, dict[str, int], str, float, float, int, int
     from stages.morphology import load_stamp_model
     from workflows.train import stamps as S
 
-    from stages.lenses import load_screen
+    from stages.lenses import load_screen, passes_screen
 
     card, spec, _ = load_stamp_model(model_dir, "cpu")
     sess = session(card.onnx_path(Path(model_dir)), device="cpu")
@@ -269,7 +269,7 @@ def _score_lens_part(job: tuple[int, dict[str, int], str, float, float, int, int
             t1 = time.perf_counter()
             ps, ss = run_batched(screen, {spec.input_name: x}, batch=256, outputs=["probs", "probs_std"])
             t_screen += time.perf_counter() - t1
-            full = ps[:, k_lens] >= float(card.screen["threshold"])
+            full = passes_screen(card, ps[:, k_lens])
             score, std = np.where(full, score, ps[:, k_lens]), np.where(full, std, ss[:, k_lens])
         for k, v in (("score", score), ("std", std), ("score_full", p[:, k_lens]), ("rescored", full), ("label", ls.label),
                      ("kind", ls.kind), ("theta_e", ls.theta_e), ("snr", ls.snr), ("mag_i", ls.mag_i)):

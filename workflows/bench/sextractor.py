@@ -137,6 +137,12 @@ NTHREADS         1
     return cfg
 
 
+def _dual_command(exe: str, work: Path, band: str, cfg: Path, cat: Path) -> list[str]:
+    """SExtractor in dual-image mode on the detection and ``band`` files that :func:`run_dual` writes in ``work``."""
+    return [exe, f"{work / 'det.fits'},{work / f'{band}.fits'}", "-c", str(cfg), "-CATALOG_NAME", str(cat),
+            "-WEIGHT_IMAGE", f"{work / 'det_w.fits'},{work / f'{band}_w.fits'}"]
+
+
 def run_dual(detection: np.ndarray, detection_weight: np.ndarray, images: Mapping[str, np.ndarray],
              weights: Mapping[str, np.ndarray], settings: Settings, work: str | Path) -> Result:
     """Run SExtractor once per band (dual-image mode) and parse the catalogues.
@@ -164,8 +170,7 @@ def run_dual(detection: np.ndarray, detection_weight: np.ndarray, images: Mappin
         cat = work / f"{band}.cat"
         if cat.exists():
             cat.unlink()
-        cmd = [exe, f"{work / 'det.fits'},{work / f'{band}.fits'}", "-c", str(cfg), "-CATALOG_NAME", str(cat),
-               "-WEIGHT_IMAGE", f"{work / 'det_w.fits'},{work / f'{band}_w.fits'}"]
+        cmd = _dual_command(exe, work, band, cfg, cat)
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -203,9 +208,7 @@ def windowed_positions(res: Result, work: str | Path, band: str, settings: Setti
     work = Path(work)
     cfg = _config(work, settings, ("NUMBER", "XWIN_IMAGE", "YWIN_IMAGE"), name="positions")
     cat = work / "positions.cat"
-    cmd = [exe, f"{work / 'det.fits'},{work / f'{band}.fits'}", "-c", str(cfg), "-CATALOG_NAME", str(cat),
-           "-WEIGHT_IMAGE", f"{work / 'det_w.fits'},{work / f'{band}_w.fits'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(_dual_command(exe, work, band, cfg, cat), capture_output=True, text=True)
     if proc.returncode != 0 or not cat.exists():
         raise RuntimeError(f"source-extractor (windowed positions) failed on band {band}: {proc.stderr[-2000:]}")
     d = fitsio.read(str(cat), ext=2)

@@ -301,14 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                  **metrics, "onnx_vs_torch_max_abs_diff": diff, "throughput": thr},
     )
     write_readme(a.out, card)
-    if not a.no_screen:
-        from pipeline.modelcard import load_card
-
+    if not a.no_screen:  # add_screen writes the screen into the card and the README's "Screen" section
         from .lens_screen import add_screen
 
         try:
             add_screen(a.out, [va] + ([xneg] if xneg is not None else []), log=lambda m: print(f"train lenses: {m}", flush=True))
-            write_readme(a.out, load_card(a.out))
         except ValueError as exc:  # tiny smoke-test sets: too few negatives to place the line
             print(f"train lenses: no screen ({exc})", flush=True)
     print(f"train lenses: simulate {t_sim:.0f} s, train {t_train:.0f} s ({log['steps']} steps), "
