@@ -72,7 +72,7 @@ models: install-dev
 	  $(SP) train artefacts --out $$A/m3 --init $$A/m2/model.pt --init-card $$A/m2/card.json --steps 0 && \
 	  $(SP) train artefacts --out $$A/m4 --init $$A/m3/model.pt --init-card $$A/m3/card.json --steps 3000 --lr 1e-3 && \
 	  $(SP) train artefacts --out stages/models/artefacts --init $$A/m4/model.pt --init-card $$A/m4/card.json --steps 0 --finetune-steps 3000
-	$(SP) train photoz --mock --workdir out/photoz_mock_v6 --out stages/models/photoz
+	$(SP) train photoz --mock --workdir out/photoz_mock_v7 --out stages/models/photoz
 	$(SP) train morphology --out stages/models/morphology
 	L=out/train/lenses; T="--train-scale 2 --epochs 12 --lr 1e-3 --val-negatives 30000 --threads 1 --workdir $$L/ts2_cache"; \
 	  $(SP) train lenses --out $$L/ts2_e36 --train-scale 2 --epochs 36 --threads 1 --val-negatives 30000 --workdir $$L/ts2_cache && \

@@ -30,7 +30,13 @@ edge: ``clip(r - d + 1/2, 0, 1)``), ``{b}_kronFlux`` (2.5 Kron radii, at least 3
 SExtractor's MAG_AUTO; divided by the PSF's encircled fraction in that ellipse when
 ``kron_apcorr``, so a point source gets its total flux), ``{b}_psfFlux`` (PSF-weighted linear fit
 of the PSF model, scaled on the tile's stars to the largest aperture's total flux -- Rubin's
-aperture correction -- so a small PSF-model error does not bias it). Errors come from the weight
+aperture correction -- so a small PSF-model error does not bias it), ``{b}_modelFlux`` (the amplitude of
+the object's model in the joint fit of step 5: its intrinsic profile, the same in every band, convolved
+with the band's PSF; the colour to use for photo-z, as SDSS's model magnitudes, since a PSF fit or a
+fixed aperture takes a seeing-dependent share of an extended galaxy's light; its total rests on a
+Gaussian profile fitted to noisy moments, so Kron is the total flux to use; NaN for parents; scaled by
+the PSF flux's aperture correction, residual sky removed, extra variance scaled from the PSF fit's by the
+ratio of their weight-map variances). Errors come from the weight
 map, plus the empty-aperture term below. The aperture correction to total flux of every circular aperture (for point sources) goes to
 the table attrs (``apcorr``), computed with the same pixel weights on the PSF model for the largest
 aperture and, for the smaller ones, from the tile's stars relative to it (``empirical_apcorr``: the
@@ -392,7 +398,7 @@ class Photometry(Stage):
     """Forced photometry in every band on neighbour-subtracted stamps; positions, shapes, flags."""
 
     name = "photometry"
-    version = "5"
+    version = "6"  # 6: {band}_modelFlux columns
     requires = ("exposure", "sky", "deblended", "deblend_segmentation", "segmentation")
     optional = ("masks/artefacts",)
     provides = {"objects": "per-object multi-band photometry (nJy), positions, shapes, parent/child records and flags"}
@@ -620,9 +626,10 @@ class Photometry(Stage):
             flags_b = np.zeros(n, np.uint32)   # this band's pixel flags (masked, saturated, artefacts)
             own_psf = np.zeros(n)              # sum of P w (own model)
             mtot = None
+            f_m, var_m, sky_m = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)  # model flux, its variance, sky factor
             if use_models:
                 # --- neighbour models: simultaneous linear fit of amplitudes on the model stamps
-                diag, rhs, g2 = np.zeros(n), np.zeros(n), np.zeros(n)
+                diag, rhs, g2, gws = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
                 models, mwts = [], []
                 for ms in msets:
                     g = render_models(psf, ms, cov[:, ms.rows])
@@ -631,10 +638,13 @@ class Photometry(Stage):
                     diag[ms.rows] = np.einsum("nij,nij->n", gw, g)
                     rhs[ms.rows] = np.einsum("nij,nij->n", gw, ms.gather(img))
                     g2[ms.rows] = np.einsum("nij,nij->n", g, g)
+                    gws[ms.rows] = gw.sum(axis=(1, 2))
                     models.append(g)
                     lo, hi = max(ms.half - ch, 0), ms.half + min(ch, ms.half) + 1
                     mwts.append(np.ascontiguousarray(wm[:, lo:hi, lo:hi]))  # the PSF fit's window is all it needs
                 amp = solve_amplitudes(psf, diag, rhs, g2, measured, pairs, x, y, cov)
+                fit = measured & (diag > 0)
+                f_m[fit], var_m[fit], sky_m[fit] = amp[fit], 1.0 / diag[fit], gws[fit] / diag[fit]
                 mtot = np.zeros(h * w, np.float32)
                 for k, ms in enumerate(msets):
                     g = models[k]
@@ -725,9 +735,14 @@ class Photometry(Stage):
                         fl[:, :napt] -= lev[None, :napt] * area[:, :napt]
                         fl[:, napt] -= level_k * area[:, napt]
                         f_p = f_p - lev[napt] * pw
+                        f_m = f_m - lev[napt] * sky_m
                     var[:, :napt] += extra[None, :napt]
                     var[:, napt] += kr_extra
                     extra_p = float(extra[napt])
+                    # the model flux's extra variance: the PSF fit's, scaled as the two estimators' weight-map
+                    # variances (their noise-equivalent areas)
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        var_m = var_m + extra_p * np.where(np.isfinite(e_p), var_m / (e_p * e_p), 0.0)
                     empty_info[band] = {"n": [int(v) for v in n_e], "sky_level_per_pix": [round(float(v), 6) for v in lev],
                                         "extra_sigma": [round(float(np.sqrt(v)), 4) for v in extra],
                                         "apertures": [f"ap{int(round(a)):02d}" for a in config.apertures_pix] + ["psf"]}
@@ -750,6 +765,7 @@ class Photometry(Stage):
                 corr_p = float(np.median(fl[s_ok, big_ap] * apcorr[band][big_tag] / f_p[s_ok]))
                 if 0.9 < corr_p < 1.1:
                     f_p, e_p = f_p * corr_p, e_p * corr_p
+                    f_m, var_m = f_m * corr_p, var_m * corr_p * corr_p  # the same PSF model makes both
                     psf_apcorr[band] = round(corr_p, 6)
             if config.empirical_apcorr and s_ok.size >= config.psf_min_stars:
                 # the smaller apertures' corrections the same way (an empirical curve of growth on the tile's
@@ -772,6 +788,11 @@ class Photometry(Stage):
             t.add(f"{band}_kronFluxErr", e_k.astype(np.float32), "nJy", f"error of {band}_kronFlux", "stat.error;phot.flux")
             t.add(f"{band}_psfFlux", f_p.astype(np.float32), "nJy", f"PSF-model flux, aperture-corrected on the tile's stars (total for a point source), {band} band", "phot.flux")
             t.add(f"{band}_psfFluxErr", e_p.astype(np.float32), "nJy", f"error of {band}_psfFlux", "stat.error;phot.flux")
+            t.add(f"{band}_modelFlux", f_m.astype(np.float32), "nJy", f"total flux of the object's model (its intrinsic "
+                  f"profile, the same in every band, convolved with this band's PSF) fitted jointly with its neighbours: "
+                  f"colours free of the bands' different seeing; NaN for parents, {band} band", "phot.flux")
+            t.add(f"{band}_modelFluxErr", np.sqrt(var_m).astype(np.float32), "nJy", f"error of {band}_modelFlux",
+                  "stat.error;phot.flux")
             t.add(f"{band}_flags", flags_b, "", f"the flags this band's pixels raise (masked, saturated, artefact classes, "
                   f"bad photometry; stages.flags.OBJECT_FLAGS), {band} band; flags holds them for all bands", "meta.code")
             band_flags |= flags_b

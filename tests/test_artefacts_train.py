@@ -38,3 +38,14 @@ def test_auc_histograms_count_pixels_the_network_is_sure_of():
     assert pos.sum() == 3 and neg.sum() == 4
     # the only inverted pair is (0.9 positive, 0.95 negative): 11 of 12 pairs ordered
     assert auc_from_hist(pos, neg) == pytest.approx(11 / 12)
+
+
+def test_a_misspelt_class_in_the_fine_tuning_weights_is_refused_before_any_work(tmp_path, capsys):
+    from workflows.train.artefacts import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--finetune-class-weights", '{"hot_columns": 3}', "--out", str(tmp_path / "m"),
+              "--work", str(tmp_path / "work")])
+    assert exc.value.code == 2
+    assert "unknown artefact class 'hot_columns'" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists(), "nothing simulated"

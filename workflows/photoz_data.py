@@ -698,7 +698,7 @@ def _json_default(o: Any) -> Any:
 
 # ---------------------------------------------------------------------------- mock catalogues
 #: pipeline flux kinds kept in mock catalogues (``{band}_{kind}Flux`` / ``...FluxErr``, nJy)
-MOCK_FLUX_KINDS = ("kron", "psf", "ap03", "ap06", "ap09", "ap12")
+MOCK_FLUX_KINDS = ("kron", "psf", "model", "ap03", "ap06", "ap09", "ap12")
 GALAXY_TYPES = ("spheroid", "disk", "edgeon", "irregular")
 MATCH_RADIUS_PIX = 3.0
 

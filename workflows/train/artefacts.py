@@ -658,6 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4000, help="steps of the general phase")
     ap.add_argument("--finetune-steps", type=int, default=1500, help="steps of the second phase (spikes vs trails)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-class-weights", default=None,
+                    help=f"JSON: crop-centre class weights of the second phase (default {json.dumps(FINETUNE_CLASS_WEIGHTS)})")
+    ap.add_argument("--finetune-pos-weight", default=None,
+                    help=f"JSON: extra BCE pos_weight per class in the second phase (default {json.dumps(FINETUNE_POS_WEIGHT)})")
     ap.add_argument("--init", default=None, help="start from this state_dict (e.g. --init out/train/artefacts/m2/model.pt "
                                                  "--steps 0 continues an earlier run with its fine-tuning phase; "
                                                  "`make models` chains the shipped model's three runs so)")
@@ -669,6 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--arch", default=None, help="JSON overriding the architecture, e.g. '{\"c0\": 12}'")
     ap.add_argument("--quick", action="store_true", help="tiny run (tests): one small tile, few steps, no validation")
     a = ap.parse_args(list(argv) if argv is not None else None)
+    ft_weights = json.loads(a.finetune_class_weights) if a.finetune_class_weights else FINETUNE_CLASS_WEIGHTS
+    ft_pos = json.loads(a.finetune_pos_weight) if a.finetune_pos_weight else FINETUNE_POS_WEIGHT
+    for name in (*ft_weights, *ft_pos):  # before minutes of simulation, not after
+        if name not in ARTEFACT_CLASSES:
+            ap.error(f"unknown artefact class {name!r} in --finetune-class-weights/--finetune-pos-weight "
+                     f"(classes: {', '.join(ARTEFACT_CLASSES)})")
 
     import torch
 
@@ -727,12 +737,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({tc / 60:.1f} CPU-min), {a.threads} torch thread(s)")
     if a.finetune_steps:
         model, tw, tc = train_model(images, steps=a.finetune_steps, lr=a.finetune_lr, seed=seeds[0] + 1, focus=0.6,
-                                    class_weights=FINETUNE_CLASS_WEIGHTS, pos_weight=FINETUNE_POS_WEIGHT,
+                                    class_weights=ft_weights, pos_weight=ft_pos,
                                     pct_start=0.05, tag="finetune", **common)
         t_train, cpu_train = t_train + tw, cpu_train + tc
-        phases.append({"phase": "fine-tune (spikes vs trails)", "seeds": seeds, "steps": a.finetune_steps,
-                       "lr": a.finetune_lr, "focus": 0.6, "class_weights": FINETUNE_CLASS_WEIGHTS,
-                       "pos_weight": {**POS_WEIGHT, **FINETUNE_POS_WEIGHT}, "seconds": round(tw, 1),
+        phases.append({"phase": "fine-tune (spikes vs trails)" if ft_weights == FINETUNE_CLASS_WEIGHTS
+                       else "fine-tune (weighted classes)", "seeds": seeds, "steps": a.finetune_steps,
+                       "lr": a.finetune_lr, "focus": 0.6, "class_weights": ft_weights,
+                       "pos_weight": {**POS_WEIGHT, **ft_pos}, "seconds": round(tw, 1),
                        "cpu_seconds": round(tc, 1)})
         log(f"train artefacts: fine-tuning {a.finetune_steps} steps in {tw:.0f} s wall ({tw / 60:.1f} min), {tc:.0f} CPU-s "
             f"({tc / 60:.1f} CPU-min)")
