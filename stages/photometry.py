@@ -32,9 +32,11 @@ SExtractor's MAG_AUTO; divided by the PSF's encircled fraction in that ellipse w
 of the PSF model, scaled on the tile's stars to the largest aperture's total flux -- Rubin's
 aperture correction -- so a small PSF-model error does not bias it), ``{b}_modelFlux`` (the amplitude of
 the object's model in the joint fit of step 5: its intrinsic profile, the same in every band, convolved
-with the band's PSF; the colour to use for photo-z, as SDSS's model magnitudes, since a PSF fit or a
-fixed aperture takes a seeing-dependent share of an extended galaxy's light; its total rests on a
-Gaussian profile fitted to noisy moments, so Kron is the total flux to use; NaN for parents; scaled by
+with the band's PSF; colours free of each band's seeing, as SDSS's model magnitudes, since a PSF fit
+or a fixed aperture takes a seeing-dependent share of an extended galaxy's light; its total rests on a
+Gaussian profile fitted to noisy moments, so Kron is the total flux to use; a blend parent's is the
+sum of its children's; 0 with an infinite error where no model was fitted, e.g. without
+``neighbour_models``; scaled by
 the PSF flux's aperture correction, residual sky removed, extra variance scaled from the PSF fit's by the
 ratio of their weight-map variances). Errors come from the weight
 map, plus the empty-aperture term below. The aperture correction to total flux of every circular aperture (for point sources) goes to
@@ -460,6 +462,9 @@ class Photometry(Stage):
         # moments above (as the detection image would show the child alone; the small window sees a big
         # galaxy's core, not its wings: bright deblended galaxies came out 0.05-0.09 mag faint with these alone)
         child = measured & (np.asarray(det["parentObjectId"]) != 0)
+        child_rows = np.flatnonzero(child)   # (one level: a child's parent is a blend, never another child)
+        row_of = {int(o): i for i, o in enumerate(np.asarray(det["objectId"]))}
+        parent_row = np.array([row_of[int(p)] for p in np.asarray(det["parentObjectId"])[child_rows]], np.int64)
         if child.any():
             s2 = cpsf.sigma_eff ** 2 + (float(det.attrs.get("filter_fwhm_pix") or cpsf.fwhm_pix) / FWHM_PER_SIGMA) ** 2
             cxx, cyy, cxy = cov[0, child] + s2, cov[1, child] + s2, cov[2, child]
@@ -626,7 +631,8 @@ class Photometry(Stage):
             flags_b = np.zeros(n, np.uint32)   # this band's pixel flags (masked, saturated, artefacts)
             own_psf = np.zeros(n)              # sum of P w (own model)
             mtot = None
-            f_m, var_m, sky_m = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)  # model flux, its variance, sky factor
+            # model flux, its variance, sky factor: 0 +- inf where no model was fitted (as the PSF flux)
+            f_m, var_m, sky_m = np.zeros(n), np.full(n, np.inf), np.zeros(n)
             if use_models:
                 # --- neighbour models: simultaneous linear fit of amplitudes on the model stamps
                 diag, rhs, g2, gws = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
@@ -752,6 +758,10 @@ class Photometry(Stage):
                 f_p = f_p + np.where(np.isfinite(e_p), own_psf * e_p * e_p, 0.0)
             if extra_p > 0:  # the PSF flux's extra variance (after the own model, which uses e_p = den^-1/2)
                 e_p = np.sqrt(e_p * e_p + extra_p)
+            if parent_row.size:  # a blend's model flux: the sum of its children's
+                f_m[~measured], var_m[~measured] = 0.0, 0.0
+                np.add.at(f_m, parent_row, f_m[child_rows])
+                np.add.at(var_m, parent_row, var_m[child_rows])
             f_k, e_k = fl[:, napt], np.sqrt(var[:, napt])
             if config.kron_apcorr:
                 ee = np.clip(ee_k, 0.2, 1.0)
@@ -790,7 +800,8 @@ class Photometry(Stage):
             t.add(f"{band}_psfFluxErr", e_p.astype(np.float32), "nJy", f"error of {band}_psfFlux", "stat.error;phot.flux")
             t.add(f"{band}_modelFlux", f_m.astype(np.float32), "nJy", f"total flux of the object's model (its intrinsic "
                   f"profile, the same in every band, convolved with this band's PSF) fitted jointly with its neighbours: "
-                  f"colours free of the bands' different seeing; NaN for parents, {band} band", "phot.flux")
+                  f"colours free of the bands' different seeing; a blend's is its children's sum; 0 +- inf where no model "
+                  f"was fitted, {band} band", "phot.flux")
             t.add(f"{band}_modelFluxErr", np.sqrt(var_m).astype(np.float32), "nJy", f"error of {band}_modelFlux",
                   "stat.error;phot.flux")
             t.add(f"{band}_flags", flags_b, "", f"the flags this band's pixels raise (masked, saturated, artefact classes, "

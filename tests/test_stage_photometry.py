@@ -190,6 +190,11 @@ def test_bright_galaxy_and_the_stars_on_its_wings_keep_their_own_light():
         assert np.all(d < 1.0) and len(set(k.tolist())) == 4, ("the galaxy and the three stars are four objects", d)
         assert o["parentObjectId"][k[0]] != 0, "the galaxy is a deblended child"
         ratios[wings] = (np.array([o[f"{b}_kronFlux"][k[0]] / flux for b in "gri"]), o["r_psfFlux"][k[1:]] / star_r)
+        # the blend's model flux is its children's sum, so every row has a finite one
+        pid = np.asarray(o["parentObjectId"])
+        parent = np.flatnonzero(np.asarray(o["objectId"]) == pid[k[0]])[0]
+        assert np.isclose(o["r_modelFlux"][parent], o["r_modelFlux"][pid == pid[k[0]]].sum(), rtol=1e-5)
+        assert np.isfinite(np.asarray(o["r_modelFluxErr"])).all()
     kron, star = ratios[True]
     assert np.all(kron > 0.8), kron         # a 2.5 Kron-radius aperture holds ~90 % of a de Vaucouleurs profile
     assert np.all(np.abs(star - 1) < 0.1), star

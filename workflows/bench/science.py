@@ -133,7 +133,7 @@ def process_tile(manifest_path: str, tile_id: str, work: str, run_sex: bool,
     ours: dict[str, Any] = {c: np.asarray(obj[c]) for c in ("x", "y", "detect_isPrimary", "detect_isDeblendedSource",
                                                             "flags", "refExtendedness")}
     for b in tile.bands:
-        for kind in ("kron", "psf", f"ap{int(CALIB_APERTURE):02d}"):
+        for kind in ("kron", "psf", "model", f"ap{int(CALIB_APERTURE):02d}"):
             ours[f"{b}_{kind}Flux"] = np.asarray(obj[f"{b}_{kind}Flux"], np.float64)
             ours[f"{b}_{kind}FluxErr"] = np.asarray(obj[f"{b}_{kind}FluxErr"], np.float64)
         if f"{b}_flags" in obj:
@@ -306,7 +306,7 @@ def evaluate(results: list[dict[str, Any]], truth_dir: Path, ref: str, pixel_sca
                                           "ours": float(ok_o[ss].mean()) if ss.any() else None,
                                           "sextractor": float(ok_s[ss].mean()) if ss.any() and have_sex else None})
     return {"completeness": comp, "limits": lim, "m90_common": m90, "purity": purity, "photometry": phot, "blend_recovery": blend,
-            "astrometry": astrometry(cat, have_sex)}
+            "astrometry": astrometry(cat, have_sex), "colours": colour_accuracy(results, flux_rows, cat, m90, have_sex)}
 
 
 def match_offsets(tx: np.ndarray, ty: np.ndarray, dx: np.ndarray, dy: np.ndarray, match: np.ndarray) -> np.ndarray:
@@ -459,6 +459,61 @@ def photometric_accuracy(results, flux_rows, cat, ref: str, m90: float, have_sex
     return out
 
 
+#: flux kinds whose colours the bench compares with the true colours: (who, label, flux key in a tile result)
+COLOUR_KINDS = (("ours", "model", "model"), ("ours", "PSF", "psf"), ("ours", "Kron", "kron"),
+                ("ours", "ap", "ap"), ("sextractor", "AUTO", "auto"), ("sextractor", "ap", "ap"))
+
+
+def colour_residuals(f1: np.ndarray, f2: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
+    """Measured minus true colour [mag] from two bands' fluxes (NaN where a measured flux is not positive)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = -2.5 * np.log10(f1 / f2) + 2.5 * np.log10(t1 / t2)
+    return np.where((f1 > 0) & (f2 > 0) & (t1 > 0) & (t2 > 0), d, np.nan)
+
+
+def colour_accuracy(results: list[dict[str, Any]], flux_rows: list[dict[str, Any]], cat: dict[str, np.ndarray],
+                    m90: float, have_sex: bool) -> dict[str, Any]:
+    """Median and sigma_MAD of (measured - true) colour of matched galaxies (inner, unsaturated), for each adjacent
+    band pair and each flux kind, brighter than m90 - 2 and between m90 - 2 and m90 (true reference magnitude).
+
+    A PSF fit or a fixed aperture takes a share of a galaxy's light that depends on the band's seeing, so
+    their colours carry a size-dependent error; Kron and model fluxes aim at the whole galaxy."""
+    ap = f"ap{int(CALIB_APERTURE):02d}"
+    bands = results[0]["bands"]
+    pairs = list(zip(bands[:-1], bands[1:]))
+    ranges = (("bright", -np.inf, m90 - 2.0), ("faint", m90 - 2.0, m90))
+    resid: dict[tuple[str, str, str], list[np.ndarray]] = {}
+    for res, fr in zip(results, flux_rows):
+        for who, label, key in COLOUR_KINDS:
+            if who == "sextractor" and not have_sex:
+                continue
+            idx = fr["mo"] if who == "ours" else fr["ms"]
+            ok = idx >= 0
+            j = np.maximum(idx, 0)
+            k = ap if key == "ap" else key
+
+            def flux(b: str) -> np.ndarray:
+                f = (res["ours"][f"{b}_{k}Flux"] if who == "ours" else res["sex"]["flux"][b][k])[j]
+                return f * res["ours"]["apcorr"][b][ap] if key == "ap" else f  # both codes: our point-source correction
+
+            for b1, b2 in pairs:
+                d = colour_residuals(flux(b1), flux(b2), fr["truth"][b1], fr["truth"][b2])
+                resid.setdefault((who, label, f"{b1}-{b2}"), []).append(np.where(ok, d, np.nan))
+    sel0 = cat["inner"] & ~cat["sat"] & ~cat["star"]
+    tm = cat["tmag"]
+    out: dict[str, Any] = {"aperture": ap, "ranges": {n: [lo, hi] for n, lo, hi in ranges}, "colours": [f"{a}-{b}" for a, b in pairs],
+                           "kinds": [f"{who} {label}" for who, label, _ in COLOUR_KINDS if who == "ours" or have_sex], "table": {}}
+    for (who, label, colour), parts in resid.items():
+        d_all = np.concatenate(parts)
+        for name, lo, hi in ranges:
+            d = d_all[sel0 & (tm >= lo) & (tm < hi)]
+            d = d[np.isfinite(d)]
+            out["table"].setdefault(colour, {}).setdefault(name, {})[f"{who} {label}"] = {
+                "n": int(d.size), "median": float(np.median(d)) if d.size else None,
+                "sigma_mad": sigma_mad(d) if d.size > 2 else None}
+    return out
+
+
 _BAD_FLAG_NAMES = ("saturated", "edge", "masked_pixels", "bad_photometry", "aperture_truncated")
 
 
@@ -592,6 +647,22 @@ def report(metrics: dict[str, Any], thr: dict[str, Any], meta: dict[str, Any]) -
         L.append("  our isolated star-bands (true S/N >= 5) carrying each excluding flag: "
                  + ", ".join(f"{k} {v}" for k, v in rej.items()))
     L.append("")
+    col = metrics.get("colours")
+    if col and col["table"]:
+        rng = col["ranges"]
+        L.append(f"Colour accuracy: (measured - true) colour of matched galaxies [mag], median / sigma_MAD, unsaturated, inner; "
+                 f"bright: true {meta['ref']} < {rng['bright'][1]:.2f} (m90 - 2), faint: {rng['faint'][0]:.2f}-{rng['faint'][1]:.2f};"
+                 f" ap = {col['aperture']} corrected to total as for a point source")
+        L.append("  colour  range   " + "".join(f"{k:>19s}" for k in col["kinds"]))
+        for colour in col["colours"]:
+            for name in ("bright", "faint"):
+                cells = col["table"].get(colour, {}).get(name, {})
+                L.append(f"  {colour:6s}  {name:6s}  " + "".join(
+                    f"{_f(cells.get(k, {}).get('median'), '{:+.3f}'):>8s} / {_f(cells.get(k, {}).get('sigma_mad'), '{:.3f}'):>6s}  "
+                    for k in col["kinds"]))
+        n = col["table"][col["colours"][0]]["bright"].get(col["kinds"][0], {}).get("n")
+        L.append(f"  ({n} galaxies in the bright range of {col['colours'][0]})")
+        L.append("")
     ast = metrics.get("astrometry")
     if ast:
         L.append("Astrometry: offset of the matched centroid from the true position [milliarcsec], median / 90th percentile (N),"
