@@ -635,7 +635,7 @@ class Photometry(Stage):
             f_m, var_m, sky_m = np.zeros(n), np.full(n, np.inf), np.zeros(n)
             if use_models:
                 # --- neighbour models: simultaneous linear fit of amplitudes on the model stamps
-                diag, rhs, g2, gws = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+                diag, rhs, g2 = np.zeros(n), np.zeros(n), np.zeros(n)
                 models, mwts = [], []
                 for ms in msets:
                     g = render_models(psf, ms, cov[:, ms.rows])
@@ -644,13 +644,14 @@ class Photometry(Stage):
                     diag[ms.rows] = np.einsum("nij,nij->n", gw, g)
                     rhs[ms.rows] = np.einsum("nij,nij->n", gw, ms.gather(img))
                     g2[ms.rows] = np.einsum("nij,nij->n", g, g)
-                    gws[ms.rows] = gw.sum(axis=(1, 2))
                     models.append(g)
                     lo, hi = max(ms.half - ch, 0), ms.half + min(ch, ms.half) + 1
                     mwts.append(np.ascontiguousarray(wm[:, lo:hi, lo:hi]))  # the PSF fit's window is all it needs
                 amp = solve_amplitudes(psf, diag, rhs, g2, measured, pairs, x, y, cov)
                 fit = measured & (diag > 0)
-                f_m[fit], var_m[fit], sky_m[fit] = amp[fit], 1.0 / diag[fit], gws[fit] / diag[fit]
+                # a residual sky level L per pixel adds L sum(g w) / sum(g^2 w) to the amplitude: 1 / sum(g^2) for a
+                # unit-flux model under locally even weights (no extra pass over the stamps)
+                f_m[fit], var_m[fit], sky_m[fit] = amp[fit], 1.0 / diag[fit], 1.0 / g2[fit]
                 mtot = np.zeros(h * w, np.float32)
                 for k, ms in enumerate(msets):
                     g = models[k]

@@ -49,3 +49,6 @@ def test_a_misspelt_class_in_the_fine_tuning_weights_is_refused_before_any_work(
     assert exc.value.code == 2
     assert "unknown artefact class 'hot_columns'" in capsys.readouterr().err
     assert not (tmp_path / "work").exists(), "nothing simulated"
+    with pytest.raises(SystemExit):
+        main(["--quick", "--finetune-pos-weight", "hot_column=3", "--out", str(tmp_path / "m")])
+    assert "must be JSON objects" in capsys.readouterr().err

@@ -673,8 +673,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--arch", default=None, help="JSON overriding the architecture, e.g. '{\"c0\": 12}'")
     ap.add_argument("--quick", action="store_true", help="tiny run (tests): one small tile, few steps, no validation")
     a = ap.parse_args(list(argv) if argv is not None else None)
-    ft_weights = json.loads(a.finetune_class_weights) if a.finetune_class_weights else FINETUNE_CLASS_WEIGHTS
-    ft_pos = json.loads(a.finetune_pos_weight) if a.finetune_pos_weight else FINETUNE_POS_WEIGHT
+    try:
+        ft_weights = json.loads(a.finetune_class_weights) if a.finetune_class_weights else FINETUNE_CLASS_WEIGHTS
+        ft_pos = json.loads(a.finetune_pos_weight) if a.finetune_pos_weight else FINETUNE_POS_WEIGHT
+        if not (isinstance(ft_weights, dict) and isinstance(ft_pos, dict)):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        ap.error(f"--finetune-class-weights/--finetune-pos-weight must be JSON objects such as "
+                 f"'{{\"hot_column\": 3.0}}' ({exc})")
     for name in (*ft_weights, *ft_pos):  # before minutes of simulation, not after
         if name not in ARTEFACT_CLASSES:
             ap.error(f"unknown artefact class {name!r} in --finetune-class-weights/--finetune-pos-weight "
