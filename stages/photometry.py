@@ -100,6 +100,9 @@ class PhotometryConfig(StageConfig):
     moment_window: float = Field(1.5, gt=0.3, le=10, description="sigma of the moment window, in units of the PSF sigma")
     centroid_iterations: int = Field(4, ge=0, le=20, description=(
         "iterations of the windowed centroid on the neighbour-subtracted coadd (0 = keep the detection positions)"))
+    centroid_min_snr: float = Field(8.0, ge=0, description=(
+        "objects whose detection peak S/N is below this keep their detection (footprint barycentre) positions: "
+        "at S/N ~5 the windowed centroid follows the noise as often as the object (0 = refine every object)"))
     empty_apertures: int = Field(2000, ge=0, le=100000, description=(
         "random sky positions (no footprint within the largest aperture) whose aperture and PSF fluxes calibrate "
         "the errors: the scatter beyond the weight map's (background-subtraction error, undetected sources, "
@@ -400,7 +403,7 @@ class Photometry(Stage):
     """Forced photometry in every band on neighbour-subtracted stamps; positions, shapes, flags."""
 
     name = "photometry"
-    version = "6"  # 6: {band}_modelFlux columns
+    version = "6"  # 6: {band}_modelFlux columns; objects below centroid_min_snr keep their detection positions
     requires = ("exposure", "sky", "deblended", "deblend_segmentation", "segmentation")
     optional = ("masks/artefacts",)
     provides = {"objects": "per-object multi-band photometry (nJy), positions, shapes, parent/child records and flags"}
@@ -519,7 +522,8 @@ class Photometry(Stage):
             # centroids: windowed first moments (SExtractor's XWIN) of the coadd with the other objects' models
             # removed (a child's peak is pulled towards its neighbour), then the models re-centred
             _, own_c = coadd_models(coadd, den, cpsf, msets, cov, measured, pairs, x, y, shape)
-            dxy = refine_centroids(coadd, den, own_c, msets, measured, x, y, cpsf.sigma_eff, shape, config.centroid_iterations)
+            refine = measured & (peak >= config.centroid_min_snr)
+            dxy = refine_centroids(coadd, den, own_c, msets, refine, x, y, cpsf.sigma_eff, shape, config.centroid_iterations)
             x, y = x + dxy[0], y + dxy[1]
             msets, pairs = model_sets()  # per-band models at the refined centres
             ra, dec = tile.wcs().all_pix2world(x, y, 0)

@@ -282,3 +282,20 @@ def test_model_flux_colours_do_not_depend_on_the_bands_seeing():
     for b in "gri":
         assert abs(np.median(o[f"{b}_modelFlux"][k]) / flux - 1) < 0.05, b
     assert o["g_modelFlux"].dtype == np.float32 and o.info["g_modelFlux"].unit == "nJy"
+
+
+def test_faint_objects_keep_their_detection_positions_and_bright_ones_are_refined():
+    """Below ``centroid_min_snr`` (detection peak S/N) the windowed centroid follows the noise as often as the
+    object, so the footprint's barycentre stays; brighter objects get the windowed centroid."""
+    src = [{"x": 40.3, "y": 50.6, "flux": 60000.0}, {"x": 90.2, "y": 80.7, "flux": 120.0},
+           {"x": 30.6, "y": 100.2, "flux": 130.0}]
+    p = run_stages(synthetic_tile(src, seed=121))
+    o, d = p["objects"], p["deblended"]
+    snr = np.asarray(d["detect_peakSnr"])
+    faint, bright = snr < 8.0, snr >= 8.0
+    assert faint.any() and bright.any(), snr
+    assert np.array_equal(np.asarray(o["objectId"]), np.asarray(d["objectId"]))
+    assert np.array_equal(o["x"][faint], d["x"][faint]) and np.array_equal(o["y"][faint], d["y"][faint])
+    assert not np.allclose(o["x"][bright], d["x"][bright])
+    off = run_stages(synthetic_tile(src, seed=121), configs={"photometry": {"centroid_min_snr": 0.0}})["objects"]
+    assert not np.allclose(off["x"][faint], d["x"][faint]), "0 refines every object"
