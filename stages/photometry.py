@@ -468,8 +468,9 @@ class Photometry(Stage):
         # galaxy's core, not its wings: bright deblended galaxies came out 0.05-0.09 mag faint with these alone)
         child = measured & (np.asarray(det["parentObjectId"]) != 0)
         child_rows = np.flatnonzero(child)   # (one level: a child's parent is a blend, never another child)
-        row_of = {int(o): i for i, o in enumerate(np.asarray(det["objectId"]))}
-        parent_row = np.array([row_of[int(p)] for p in np.asarray(det["parentObjectId"])[child_rows]], np.int64)
+        ids = np.asarray(det["objectId"], np.int64)
+        by_id = np.argsort(ids)
+        parent_row = by_id[np.searchsorted(ids, np.asarray(det["parentObjectId"], np.int64)[child_rows], sorter=by_id)]
         if child.any():
             s2 = cpsf.sigma_eff ** 2 + (float(det.attrs.get("filter_fwhm_pix") or cpsf.fwhm_pix) / FWHM_PER_SIGMA) ** 2
             cxx, cyy, cxy = cov[0, child] + s2, cov[1, child] + s2, cov[2, child]

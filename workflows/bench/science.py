@@ -471,6 +471,14 @@ def colour_residuals(f1: np.ndarray, f2: np.ndarray, t1: np.ndarray, t2: np.ndar
     return np.where((f1 > 0) & (f2 > 0) & (t1 > 0) & (t2 > 0), d, np.nan)
 
 
+def _kind_flux(res: dict[str, Any], who: str, key: str, band: str, ap: str) -> np.ndarray:
+    """One flux kind of one band from a tile result: ours or SExtractor's; ``"ap"`` is the ``ap`` aperture,
+    corrected to total with our point-source correction for both codes."""
+    k = ap if key == "ap" else key
+    f = res["ours"][f"{band}_{k}Flux"] if who == "ours" else res["sex"]["flux"][band][k]
+    return f * res["ours"]["apcorr"][band][ap] if key == "ap" else f
+
+
 def colour_accuracy(results: list[dict[str, Any]], flux_rows: list[dict[str, Any]], cat: dict[str, np.ndarray],
                     m90: float, have_sex: bool) -> dict[str, Any]:
     """Median and sigma_MAD of (measured - true) colour of matched galaxies (inner, unsaturated), for each adjacent
@@ -490,14 +498,9 @@ def colour_accuracy(results: list[dict[str, Any]], flux_rows: list[dict[str, Any
             idx = fr["mo"] if who == "ours" else fr["ms"]
             ok = idx >= 0
             j = np.maximum(idx, 0)
-            k = ap if key == "ap" else key
-
-            def flux(b: str) -> np.ndarray:
-                f = (res["ours"][f"{b}_{k}Flux"] if who == "ours" else res["sex"]["flux"][b][k])[j]
-                return f * res["ours"]["apcorr"][b][ap] if key == "ap" else f  # both codes: our point-source correction
-
             for b1, b2 in pairs:
-                d = colour_residuals(flux(b1), flux(b2), fr["truth"][b1], fr["truth"][b2])
+                d = colour_residuals(_kind_flux(res, who, key, b1, ap)[j], _kind_flux(res, who, key, b2, ap)[j],
+                                     fr["truth"][b1], fr["truth"][b2])
                 resid.setdefault((who, label, f"{b1}-{b2}"), []).append(np.where(ok, d, np.nan))
     sel0 = cat["inner"] & ~cat["sat"] & ~cat["star"]
     tm = cat["tmag"]
