@@ -82,8 +82,27 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def local_cluster(workers: int | None = None, *, memory_limit: str | None = "auto", dashboard: bool = True) -> LocalCluster:
-    """One single-threaded worker process per core (tiles are the unit of parallelism)."""
+# Dask's statistical profiler samples every worker thread's stack every 10 ms for the dashboard's
+# Profile page. On a tile task (seconds of mixed numpy and Python) it cost 3 % of the stage CPU time:
+# 6 alternating runs of 4 tiles on 2 workers, lower with it off in all 6 (docs/performance.md).
+# A batch pipeline runs without it; ``profile=True`` (``surveypipe run --worker-profile``) turns it on.
+WORKER_PROFILE_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+
+
+def worker_profile_config(profile: bool) -> dict[str, Any]:
+    """The ``distributed`` config a Nanny hands its worker, with the statistical profiler on or off.
+
+    Whole, not a fragment: the Nanny merges its ``config`` into Dask's one level deep only."""
+    import dask.config
+
+    return {"distributed": dask.config.merge(dask.config.get("distributed"),
+                                             {"worker": {"profile": {"enabled": bool(profile)}}})}
+
+
+def local_cluster(workers: int | None = None, *, memory_limit: str | None = "auto", dashboard: bool = True,
+                  profile: bool = False) -> LocalCluster:
+    """One single-threaded worker process per core (tiles are the unit of parallelism); Dask's
+    worker profiler off unless ``profile``."""
     n = workers or default_workers()
     for noisy in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -91,6 +110,7 @@ def local_cluster(workers: int | None = None, *, memory_limit: str | None = "aut
         n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory_limit,
         dashboard_address=":0" if dashboard else None, silence_logs=logging.ERROR,
         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        config=worker_profile_config(profile),
     )
 
 

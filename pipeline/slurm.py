@@ -67,6 +67,7 @@ class SlurmJobSettings(BaseModel):
     worker_extra_args: list[str] = Field(default_factory=list, description="more dask-worker arguments")
     worker_command: str | None = Field(None, description="module run as the worker")
     nanny: bool = Field(True, description="run workers under a nanny")
+    worker_profile: bool = Field(False, description="Dask's statistical profiler in the workers (costs ~3 % CPU)")
     shebang: str | None = Field(None, description="first line of the job script")
     python: str | None = Field(None, description="worker interpreter; null: this one")
     scheduler_options: dict[str, Any] = Field(default_factory=dict, description="Scheduler kwargs")
@@ -355,6 +356,10 @@ def _prologue(job: SlurmJobSettings) -> list[str]:
     # tiles are the unit of parallelism: one math thread per worker process, as on a LocalCluster,
     # so a catalogue does not depend on where it was made (BLAS thread counts change float sums)
     lines.append("export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1")
+    if not job.worker_profile:  # as on a LocalCluster: Dask's stack-sampling profiler costs ~3 % CPU
+        from .cluster import WORKER_PROFILE_ENV
+
+        lines.append(f"export {WORKER_PROFILE_ENV}=False")
     if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "pipeline").is_dir():
         # Workers import surveypipe's code from this checkout even where it is not pip-installed.
         lines.append(f'export PYTHONPATH="{PROJECT_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"')

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "slurm"
 PYTHONPATH_LINE = f'export PYTHONPATH="{PROJECT_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"'
 THREADS_LINE = "export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
+PROFILE_OFF_LINE = "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"
 
 
 def header(script: str) -> list[str]:
@@ -61,7 +62,7 @@ def test_package_default_script_line_by_line():
     ]
     # the prologue sits between the header and the worker command
     body = [line for line in lines[1:] if line and not line.startswith("#SBATCH")]
-    assert body[:-1] == [THREADS_LINE, PYTHONPATH_LINE]
+    assert body[:-1] == [THREADS_LINE, PROFILE_OFF_LINE, PYTHONPATH_LINE]
     cmd = body[-1].split()
     assert cmd[:4] == [sys.executable, "-m", "distributed.cli.dask_worker", SCHEDULER_PLACEHOLDER]
     assert option(cmd, "--nthreads") == "1"
@@ -90,7 +91,8 @@ def test_site_file_line_by_line(tmp_path):
     ]
     body = [line for line in script.splitlines()[1:] if line and not line.startswith("#SBATCH")]
     # user prologue first (modules, environments), then surveypipe's import path, then the worker
-    assert body[:-1] == ["module load python/3.11", "echo starting on $(hostname)", THREADS_LINE, PYTHONPATH_LINE]
+    assert body[:-1] == ["module load python/3.11", "echo starting on $(hostname)", THREADS_LINE, PROFILE_OFF_LINE,
+                         PYTHONPATH_LINE]
     cmd = body[-1].split()
     assert option(cmd, "--nworkers") == "2"
     assert option(cmd, "--nthreads") == "1"
@@ -99,6 +101,14 @@ def test_site_file_line_by_line(tmp_path):
     assert option(cmd, "--lifetime") == "27m"      # 30 min - 3 min margin
     assert option(cmd, "--lifetime-stagger") == "90s"
     assert s["adapt"] == {"minimum_jobs": 2, "maximum_jobs": 5}
+
+
+def test_worker_profiler_is_off_unless_asked_for(tmp_path):
+    assert PROFILE_OFF_LINE in job_script(slurm_settings(None, {})).splitlines()
+    on_cli = job_script(slurm_settings(None, {"worker_profile": True}))
+    on_file = job_script(slurm_settings(write(tmp_path, {"slurm": {"worker-profile": True}}), {}))
+    for script in (on_cli, on_file):
+        assert "PROFILE" not in script and THREADS_LINE in script.splitlines()
 
 
 def test_dry_run_leaves_no_log_directory(tmp_path, monkeypatch):
