@@ -521,12 +521,14 @@ class Photometry(Stage):
 
         msets, pairs = model_sets()
         own_c, msets_c, x_c, y_c = None, msets, x, y  # coadd models, their stamps and centres (Kron radius)
+        resid_c = None  # the coadd minus all of own_c
         if config.neighbour_models and mrows.size and config.centroid_iterations:
             # centroids: windowed first moments (SExtractor's XWIN) of the coadd with the other objects' models
             # removed (a child's peak is pulled towards its neighbour), then the models re-centred
             _, own_c = coadd_models(coadd, den, cpsf, msets, cov, measured, pairs, x, y, shape)
             refine = measured & (peak >= config.centroid_min_snr)
-            dxy = refine_centroids(coadd, den, own_c, msets, refine, x, y, cpsf.sigma_eff, shape, config.centroid_iterations)
+            resid_c = model_residual(coadd, den, own_c, msets, shape)
+            dxy = refine_centroids(resid_c, own_c, msets, refine, x, y, cpsf.sigma_eff, shape, config.centroid_iterations)
             x, y = x + dxy[0], y + dxy[1]
             msets, pairs = model_sets()  # per-band models at the refined centres
             ra, dec = tile.wcs().all_pix2world(x, y, 0)
@@ -556,9 +558,11 @@ class Photometry(Stage):
                                            mask=nodata, segmap=np.ascontiguousarray(segmap, np.int32), seg_id=segid[sel])
                     kr[sel] = k
             if own_c is not None and mrows.size:
-                kr[mrows] = deblended_kron_radius(coadd, den, own_c, msets_c, mrows, x_c, y_c, a, b, th, config.kron_rmax,
+                if resid_c is None:
+                    resid_c = model_residual(coadd, den, own_c, msets_c, shape)
+                kr[mrows] = deblended_kron_radius(resid_c, own_c, msets_c, mrows, x_c, y_c, a, b, th, config.kron_rmax,
                                                   shape, shift=(x - x_c, y - y_c))
-        del num, den, coadd, own_c, msets_c, shp  # the coadd's work is done: its memory goes to the band loop
+        del num, den, coadd, own_c, msets_c, shp, resid_c  # the coadd's work is done: its memory goes to the band loop
         kr = np.where(np.isfinite(kr) & (kr > 0), kr, 0.0)
         kscale = np.maximum(config.kron_factor * kr, config.min_kron_radius)
         kA, kB = kscale * a, kscale * b
@@ -678,21 +682,19 @@ class Photometry(Stage):
             fl = np.zeros((n, napt + 1))
             var = np.zeros((n, napt + 1))
             f_p, e_p, ee_k, pw = np.zeros(n), np.full(n, np.inf), np.ones(n), np.zeros(n)
+            # measured objects: data minus all models (own model added back through own_ap), masked pixels 0;
+            # as a plane, once per band (cheaper than per stamp: the stamps overlap and outnumber the pixels)
+            resid = np.subtract(img, mtot) if mtot is not None else np.array(img, np.float32)
+            resid *= wt > 0
             for k, st, blk in stamp_blocks(sets):
                 nn, S = st.rows.size, st.size
-                d, wk = st.gather(img), st.gather(wt)
+                X, wk = st.gather(resid), st.gather(wt)
                 good = wk > 0
-                meas = measured[st.rows]
-                if mtot is not None:
-                    mt = st.gather(mtot)
-                    # measured objects: data minus all models (own model added back through own_ap);
+                parents = np.flatnonzero(~measured[st.rows])
+                if mtot is not None and parents.size:
                     # parents: data, masked pixels filled with the total model
-                    X = d - mt
-                    X *= good
-                    if (~meas).any():
-                        X[~meas] = d[~meas] + np.where(good[~meas], np.float32(0), mt[~meas])
-                else:
-                    X = d * good
+                    sub = st.subset(parents)
+                    X[parents] = sub.gather(img) + np.where(good[parents], np.float32(0), sub.gather(mtot))
                 invw = np.zeros_like(wk)
                 np.divide(np.float32(1), wk, out=invw, where=good)
                 kk, wck = kw[k][blk], wc[k][blk]
@@ -818,6 +820,7 @@ class Photometry(Stage):
             psf_sum += f_p
             kron_sum += f_k
             # file-backed planes (pipeline.scratch): done with this band
+            del resid
             release(img, wt, getattr(sky, "bad", {}).get(band), art_plane)
             release_free_heap()  # and the band's freed stamps: the heap would keep them, fragmented, under the next band's
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -967,15 +970,26 @@ def coadd_models(coadd: np.ndarray, den: np.ndarray, psf: PsfModel, msets: list[
     return amp, models
 
 
-def refine_centroids(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], msets: list["Stamps"], which: np.ndarray,
+def model_residual(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], msets: list["Stamps"],
+                   shape: tuple[int, int]) -> np.ndarray:
+    """The coadd minus every object's own model (``own``, on the stamps ``msets``), zero where it has no data.
+
+    Made once for the centroids and the Kron radii, which add each object's own model back on its stamps."""
+    h, w = shape
+    resid = np.zeros(h * w, np.float32)
+    for g, ms in zip(own, msets):
+        ms.scatter_add(resid, g)
+    resid = resid.reshape(shape)
+    np.subtract(coadd, resid, out=resid)
+    resid *= den > 0
+    return resid
+
+
+def refine_centroids(resid: np.ndarray, own: list[np.ndarray], msets: list["Stamps"], which: np.ndarray,
                      x: np.ndarray, y: np.ndarray, sigma: float, shape: tuple[int, int], iterations: int) -> np.ndarray:
     """Shifts (2, n) to the windowed centroid (SExtractor's XWIN: Gaussian window of ``sigma``, iterated)
-    of the objects in ``which``, on the coadd with every other object's model subtracted."""
-    h, w = shape
-    mtot = np.zeros(h * w, np.float32)
-    for g, ms in zip(own, msets):
-        ms.scatter_add(mtot, g)
-    mtot = mtot.reshape(shape)
+    of the objects in ``which``, on the coadd with every other object's model subtracted (``resid``:
+    :func:`model_residual`, with the object's own model added back here)."""
     out = np.zeros((2, x.size))
     s2 = np.float32(-0.5 / (sigma * sigma))
     for g, ms in zip(own, msets):
@@ -984,7 +998,7 @@ def refine_centroids(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], 
             continue
         rows = ms.rows[sel]
         sub = Stamps.make(rows, x[rows], y[rows], ms.half, shape)
-        img = (sub.gather(coadd) - sub.gather(mtot)) * (sub.gather(den) > 0) + g[sel]
+        img = sub.gather(resid) + g[sel]
         cx = np.zeros(rows.size, np.float32)
         cy = np.zeros(rows.size, np.float32)
         for _ in range(iterations):
@@ -1001,19 +1015,15 @@ def refine_centroids(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], 
     return out
 
 
-def deblended_kron_radius(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarray], msets: list["Stamps"],
+def deblended_kron_radius(resid: np.ndarray, own: list[np.ndarray], msets: list["Stamps"],
                           rows: np.ndarray, x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray,
                           th: np.ndarray, rmax: float, shape: tuple[int, int],
                           shift: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """SExtractor's Kron radius (first moment of the light within ``rmax`` (a, b), in units of a, b),
-    measured on the coadd minus every *other* object's model, vectorised on stamps.
+    measured on the coadd minus every *other* object's model (``resid``: :func:`model_residual`, with
+    the object's own model added back here), vectorised on stamps.
 
     ``x, y`` are the centres the models were drawn at; ``shift`` moves the ellipse's centre from there."""
-    h, w = shape
-    mtot = np.zeros(h * w, np.float32)
-    for g, ms in zip(own, msets):
-        ms.scatter_add(mtot, g)
-    mtot = mtot.reshape(shape)
     need = np.ceil(rmax * a[rows] + 1)
     halves = np.asarray(STAMP_HALVES)
     cls = np.minimum(np.searchsorted(halves, need), halves.size - 1)
@@ -1022,7 +1032,7 @@ def deblended_kron_radius(coadd: np.ndarray, den: np.ndarray, own: list[np.ndarr
         sel = cls == c
         r = rows[sel]
         st = Stamps.make(r, x[r], y[r], int(halves[c]), shape)
-        img = (st.gather(coadd) - st.gather(mtot)) * (st.gather(den) > 0) + embed(own, msets, st)
+        img = st.gather(resid) + embed(own, msets, st)
         ct, sn = np.cos(th[r]).astype(np.float32), np.sin(th[r]).astype(np.float32)
         dx, dy = st.dx[:, None, :], st.dy[:, :, None]
         if shift is not None:
