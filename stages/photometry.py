@@ -61,6 +61,7 @@ Both go to the attrs (``empty_apertures``).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -682,19 +683,32 @@ class Photometry(Stage):
             fl = np.zeros((n, napt + 1))
             var = np.zeros((n, napt + 1))
             f_p, e_p, ee_k, pw = np.zeros(n), np.full(n, np.inf), np.ones(n), np.zeros(n)
-            # measured objects: data minus all models (own model added back through own_ap), masked pixels 0;
-            # as a plane, once per band (cheaper than per stamp: the stamps overlap and outnumber the pixels)
-            resid = np.subtract(img, mtot) if mtot is not None else np.array(img, np.float32)
-            resid *= wt > 0
-            for k, st, blk in stamp_blocks(sets):
+            # parents (data, masked pixels filled with the total model): the models at their stamps' masked
+            # pixels, kept before the models' plane turns into the residual (a few pixels, not whole stamps)
+            parent_fill = []
+            for k, st, blk in stamp_blocks(sets) if mtot is not None else ():
+                parents = np.flatnonzero(~measured[st.rows])
+                if parents.size:
+                    sub = st.subset(parents)
+                    pos = np.flatnonzero(~(sub.gather(wt) > 0))
+                    parent_fill.append((parents, pos, sub.gather(mtot).ravel()[pos]))
+                else:
+                    parent_fill.append(None)
+            # measured objects: data minus all models (own model added back through own_ap), masked pixels 0; as a
+            # plane, once per band and in the models' own memory (cheaper than per stamp: the stamps overlap)
+            resid = np.subtract(img, mtot, out=mtot) if mtot is not None else np.array(img, np.float32)
+            for r0 in range(0, h, 256):  # in strips: no plane-sized mask
+                resid[r0:r0 + 256] *= wt[r0:r0 + 256] > 0
+            mtot = None
+            for (k, st, blk), fill in zip(stamp_blocks(sets), parent_fill or itertools.repeat(None)):
                 nn, S = st.rows.size, st.size
                 X, wk = st.gather(resid), st.gather(wt)
                 good = wk > 0
-                parents = np.flatnonzero(~measured[st.rows])
-                if mtot is not None and parents.size:
-                    # parents: data, masked pixels filled with the total model
-                    sub = st.subset(parents)
-                    X[parents] = sub.gather(img) + np.where(good[parents], np.float32(0), sub.gather(mtot))
+                if fill is not None:
+                    parents, pos, vals = fill
+                    Xp = st.subset(parents).gather(img)
+                    Xp.ravel()[pos] += vals
+                    X[parents] = Xp
                 invw = np.zeros_like(wk)
                 np.divide(np.float32(1), wk, out=invw, where=good)
                 kk, wck = kw[k][blk], wc[k][blk]
@@ -737,9 +751,8 @@ class Photometry(Stage):
             # empty apertures on the same image (neighbour models removed): residual sky level and the scatter
             # beyond the weight map's, per aperture; the Kron ellipse's by its area (linear beyond the largest)
             extra_p = 0.0
-            if est.rows.size >= 50:
-                X_e = est.gather(img) if mtot is None else est.gather(img) - est.gather(mtot)
-                lev, extra, n_e = empty_aperture_stats(est, X_e, est.gather(wt), w_e, psf, use_e)
+            if est.rows.size >= 50:  # masked pixels do not count there, so the residual plane serves
+                lev, extra, n_e = empty_aperture_stats(est, est.gather(resid), est.gather(wt), w_e, psf, use_e)
                 if (n_e > 0).all():
                     a_c = w_e.sum(axis=1)
                     order_a = np.argsort(a_c)
@@ -820,7 +833,7 @@ class Photometry(Stage):
             psf_sum += f_p
             kron_sum += f_k
             # file-backed planes (pipeline.scratch): done with this band
-            del resid
+            del resid, parent_fill
             release(img, wt, getattr(sky, "bad", {}).get(band), art_plane)
             release_free_heap()  # and the band's freed stamps: the heap would keep them, fragmented, under the next band's
         with np.errstate(divide="ignore", invalid="ignore"):
