@@ -230,6 +230,9 @@ def test_scancel_a_worker_mid_run_every_tile_once(release, tmp_path):
     with make_slurm_cluster(settings) as cluster, Client(cluster) as client:
         start_adaptive(cluster, minimum_jobs=2, maximum_jobs=2)
         client.wait_for_workers(2, timeout=90)
+        # the job script's prologue reached the workers: Dask's profiler off, as on a LocalCluster
+        profiling = client.run(lambda: __import__("dask").config.get("distributed.worker.profile.enabled"))
+        assert set(profiling.values()) == {False}, profiling
         first_jobs = {job.job_id for job in cluster.workers.values()}
         assert first_jobs <= {j["id"] for j in squeue() if j["name"] == WORKER_JOB}, "workers are SLURM jobs"
 
