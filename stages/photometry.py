@@ -685,28 +685,29 @@ class Photometry(Stage):
             f_p, e_p, ee_k, pw = np.zeros(n), np.full(n, np.inf), np.ones(n), np.zeros(n)
             # parents (data, masked pixels filled with the total model): the models at their stamps' masked
             # pixels, kept before the models' plane turns into the residual (a few pixels, not whole stamps)
-            parent_fill = []
-            for k, st, blk in stamp_blocks(sets) if mtot is not None else ():
+            # the measurement stamps in blocks, and each block's parents (their rows in the block and their stamps)
+            blocks = list(stamp_blocks(sets))
+            block_parents = []
+            for _, st, _ in blocks:
                 parents = np.flatnonzero(~measured[st.rows])
-                if parents.size:
-                    sub = st.subset(parents)
-                    pos = np.flatnonzero(~(sub.gather(wt) > 0))
-                    parent_fill.append((parents, pos, sub.gather(mtot).ravel()[pos]))
-                else:
-                    parent_fill.append(None)
+                block_parents.append((parents, st.subset(parents)) if parents.size else None)
+            parent_fill = []
+            for bp in block_parents if mtot is not None else ():
+                pos = np.flatnonzero(~(bp[1].gather(wt) > 0)) if bp is not None else None
+                parent_fill.append((pos, bp[1].gather(mtot).ravel()[pos]) if bp is not None else None)
             # measured objects: data minus all models (own model added back through own_ap), masked pixels 0; as a
             # plane, once per band and in the models' own memory (cheaper than per stamp: the stamps overlap)
             resid = np.subtract(img, mtot, out=mtot) if mtot is not None else np.array(img, np.float32)
             for r0 in range(0, h, 256):  # in strips: no plane-sized mask
                 resid[r0:r0 + 256] *= wt[r0:r0 + 256] > 0
             mtot = None
-            for (k, st, blk), fill in zip(stamp_blocks(sets), parent_fill or itertools.repeat(None)):
+            for (k, st, blk), bp, fill in zip(blocks, block_parents, parent_fill or itertools.repeat(None)):
                 nn, S = st.rows.size, st.size
                 X, wk = st.gather(resid), st.gather(wt)
                 good = wk > 0
                 if fill is not None:
-                    parents, pos, vals = fill
-                    Xp = st.subset(parents).gather(img)
+                    (parents, sub), (pos, vals) = bp, fill
+                    Xp = sub.gather(img)
                     Xp.ravel()[pos] += vals
                     X[parents] = Xp
                 invw = np.zeros_like(wk)
@@ -833,7 +834,7 @@ class Photometry(Stage):
             psf_sum += f_p
             kron_sum += f_k
             # file-backed planes (pipeline.scratch): done with this band
-            del resid, parent_fill
+            del resid, parent_fill, blocks, block_parents
             release(img, wt, getattr(sky, "bad", {}).get(band), art_plane)
             release_free_heap()  # and the band's freed stamps: the heap would keep them, fragmented, under the next band's
         with np.errstate(divide="ignore", invalid="ignore"):
